@@ -6,6 +6,7 @@ Frechet distance between Gaussian fits (torchmetrics' implementation).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics.image.fid import _compute_fid
@@ -73,7 +74,7 @@ def rbf_mmd(x: Tensor, y: Tensor, bandwidths: list[float] | None = None) -> floa
 
     MMD^2_u = mean_{i!=j} k(x_i,x_j) + mean_{i!=j} k(y_i,y_j) - 2 mean_{i,j} k(x_i,y_j) (Gretton et
     al. 2012, Eq. 3); it can be slightly negative when the distributions match. Default bandwidth:
-    the median heuristic, h = median pairwise distance of the pooled sample.
+    the median heuristic, h = median distance over distinct pairs of the pooled sample.
 
     Args:
         x: samples (n x D), n >= 2.
@@ -93,8 +94,9 @@ def rbf_mmd(x: Tensor, y: Tensor, bandwidths: list[float] | None = None) -> floa
     pooled = torch.cat([x, y])
     sq = torch.cdist(pooled, pooled).square()
     if bandwidths is None:
-        off_diagonal = sq[~torch.eye(n + m, dtype=torch.bool)]
-        bandwidths = [float(off_diagonal.median().sqrt())]
+        # numpy's median (mean of the two middle values), over the distinct pairs i < j.
+        rows, cols = torch.triu_indices(n + m, n + m, offset=1)
+        bandwidths = [float(np.median(sq[rows, cols].sqrt().numpy()))]
     hs = [check_tau(h, "bandwidths") for h in bandwidths]
     k = sum(torch.exp(-sq / (2.0 * h * h)) for h in hs)
     k_xx, k_yy, k_xy = k[:n, :n], k[n:, n:], k[:n, n:]
