@@ -1,0 +1,728 @@
+"""`driftsweep report`: the ablation summary of one sweep (main effects, CIs, best config, plots).
+
+Two layers:
+- a pure core (`TrialResult`, `summarize`) that knows nothing of MLflow, so the numbers can be
+  checked against a hand computation;
+- the edges: `load_results` reads a sweep from MLflow in the tracking layout (one parent run per
+  plan, one nested child per trial, axes as `axis.<name>` tags), `render_markdown`/`render_html`
+  write the report, `attach_to_parent` logs it on the parent run, and `build_report` does it all.
+
+Statistics (stated once, used everywhere):
+- A trial's value is the *last* logged value (largest step) of the objective metric.
+- Only completed trials with a finite value enter the means; pruned, failed and running trials are
+  counted separately (a pruned trial stopped early, so its last value is not comparable).
+- Level mean: mean of the values of every completed trial at that level, pooled over replicates and
+  over the levels of the other axes.
+- Main effect of a level = level mean - grand mean, the grand mean being the mean over all completed
+  trials (the effects model tau_i = ybar_i - ybar, Montgomery, *Design and Analysis of Experiments*,
+  §5.3; exact for a balanced grid, confounded with the other axes for unbalanced designs).
+- Confidence interval of a mean (Student t, NIST/SEMATECH e-Handbook §7.2.2.1):
+  mean +/- t_{(1+c)/2, n-1} * s / sqrt(n), with s the sample standard deviation (ddof = 1). It treats
+  the pooled trials as independent draws; variation from the other axes widens it. With n = 1 there
+  is no interval (shown "n/a"), never a zero-width one. The CI of an effect is the level's CI shifted
+  by the grand mean (the grand mean treated as fixed).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.table import Table
+from scipy import stats
+
+from orchestrator.errors import DriftsweepError, TrackingUnreachableError
+
+TrialStatus = Literal["completed", "pruned", "failed", "running"]
+Mode = Literal["min", "max"]
+STATUSES: tuple[TrialStatus, ...] = ("completed", "pruned", "failed", "running")
+
+# Tracking layout (contract with orchestrator/tracking.py).
+TAG_PARENT = "mlflow.parentRunId"
+TAG_PLAN_NAME = "driftsweep.plan_name"
+TAG_DESIGN = "driftsweep.design"
+TAG_METRIC = "driftsweep.objective_metric"
+TAG_MODE = "driftsweep.objective_mode"
+TAGS_REPLICATE = ("driftsweep.replicate", "replicate")
+TAG_PRUNED = "pruned"
+AXIS_TAG_PREFIX = "axis."
+PLAN_ARTIFACT = "plan.yaml"
+REPORT_ARTIFACT_DIR = "report"
+TOP_CONFIGS = 10  # rows of the best-configurations table
+
+
+class ReportError(DriftsweepError, ValueError):
+    """The sweep cannot be summarized (unknown run, no completed trial, bad argument)."""
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One trial as the report sees it.
+
+    Attributes:
+        name: run name of the trial.
+        axes: axis name -> level, as the string stored in the `axis.<name>` tag.
+        status: completed, pruned, failed or running.
+        final_value: last logged value of the objective metric; None if never logged.
+        history: (step, value) pairs of the objective metric, sorted by step.
+        replicate: replicate index of this configuration.
+    """
+
+    name: str
+    axes: dict[str, str]
+    status: TrialStatus
+    final_value: float | None
+    history: list[tuple[int, float]] = field(default_factory=list)
+    replicate: int = 0
+
+    @property
+    def usable(self) -> bool:
+        """Whether the trial enters the means: completed with a finite final value."""
+        return (
+            self.status == "completed"
+            and self.final_value is not None
+            and math.isfinite(self.final_value)
+        )
+
+
+@dataclass(frozen=True)
+class MeanStats:
+    """Mean of n values with its Student-t confidence interval (None when n = 1)."""
+
+    n: int
+    mean: float
+    std: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+    @property
+    def ci_half_width(self) -> float | None:
+        """Half the CI width, in metric units; None without a CI."""
+        return None if self.ci_high is None else self.ci_high - self.mean
+
+
+@dataclass(frozen=True)
+class LevelStats:
+    """One level of one axis: pooled statistics and its main effect (mean - grand mean)."""
+
+    axis: str
+    level: str
+    stats: MeanStats
+    effect: float
+
+
+@dataclass(frozen=True)
+class ConfigStats:
+    """One full configuration (every axis fixed), pooled over its replicates."""
+
+    axes: dict[str, str]
+    stats: MeanStats
+
+    @property
+    def label(self) -> str:
+        """`axis=level,...` in axis order, e.g. `kernel=gaussian,batch_size=64`."""
+        return ",".join(f"{axis}={level}" for axis, level in self.axes.items())
+
+
+@dataclass(frozen=True)
+class AblationSummary:
+    """Everything the report shows (see the module docstring for the statistics)."""
+
+    metric: str
+    mode: Mode
+    confidence: float
+    axes: list[str]
+    grand_mean: float
+    levels: dict[str, list[LevelStats]]
+    configs: list[ConfigStats]  # best first
+    counts: dict[str, int]  # per status, plus "no_metric" (completed without a finite value)
+    importances: dict[str, float] | None
+    design: str = "grid"
+
+    @property
+    def best(self) -> ConfigStats:
+        """The configuration with the best mean over its replicates."""
+        return self.configs[0]
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> MeanStats:
+    """Mean, sample std and Student-t CI of the mean (NIST e-Handbook §7.2.2.1).
+
+    Args:
+        values: at least one finite value.
+        confidence: coverage of the interval, in (0, 1).
+
+    Returns:
+        MeanStats; std and CI are None when there is a single value.
+
+    Raises:
+        ReportError: no values, or confidence outside (0, 1).
+    """
+    if not 0 < confidence < 1:
+        raise ReportError(f"confidence={confidence} is invalid; use a value in (0, 1), e.g. 0.95")
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        raise ReportError("cannot average zero values")
+    mean = float(array.mean())
+    if array.size == 1:
+        return MeanStats(n=1, mean=mean, std=None, ci_low=None, ci_high=None)
+    std = float(array.std(ddof=1))
+    half_width = float(stats.t.ppf((1 + confidence) / 2, df=array.size - 1)) * std / math.sqrt(array.size)
+    return MeanStats(
+        n=int(array.size), mean=mean, std=std, ci_low=mean - half_width, ci_high=mean + half_width
+    )
+
+
+def level_sort_key(level: str) -> tuple:
+    """Order levels naturally: numbers by value, then numeric lists ("[0.02, 0.05]"), then text."""
+    try:
+        return (0, float(level), level)
+    except ValueError:
+        pass
+    try:
+        parsed = json.loads(level)
+    except ValueError:
+        return (2, (), level)
+    if isinstance(parsed, list) and all(isinstance(x, int | float) for x in parsed):
+        return (1, tuple(float(x) for x in parsed), level)
+    return (2, (), level)
+
+
+def summarize(
+    results: Sequence[TrialResult],
+    axes: Sequence[str],
+    metric: str,
+    mode: Mode,
+    confidence: float = 0.95,
+    *,
+    design: str = "grid",
+) -> AblationSummary:
+    """Compute the ablation summary of a sweep (statistics as in the module docstring).
+
+    Args:
+        results: every trial of the sweep, in any status.
+        axes: axis names, in display order (a plan's axes dict works too).
+        metric: objective metric name (for display).
+        mode: "min" if lower is better, "max" otherwise.
+        confidence: CI coverage, in (0, 1).
+        design: plan design type; "optuna" adds fANOVA parameter importances.
+
+    Returns:
+        AblationSummary.
+
+    Raises:
+        ReportError: bad mode/confidence, no axes, or no completed trial with a finite metric value.
+    """
+    if mode not in ("min", "max"):
+        raise ReportError(f"mode={mode!r} is invalid; use 'min' or 'max'")
+    axes = list(axes)
+    if not axes:
+        raise ReportError("axes is empty; a sweep needs at least one axis (axis.<name> tags on its trials)")
+    counts = {status: sum(r.status == status for r in results) for status in STATUSES}
+    usable = [r for r in results if r.usable]
+    counts["no_metric"] = counts["completed"] - len(usable)
+    if not usable:
+        raise ReportError(
+            f"no completed trial has a finite value of metric {metric!r} "
+            f"({', '.join(f'{k}={v}' for k, v in counts.items())}); nothing to summarize"
+        )
+    grand_mean = float(np.mean([r.final_value for r in usable]))
+
+    levels: dict[str, list[LevelStats]] = {}
+    for axis in axes:
+        # A trial without this axis tag cannot be placed at a level: it is left out of this axis only.
+        by_level: dict[str, list[float]] = defaultdict(list)
+        for r in usable:
+            if axis in r.axes:
+                by_level[r.axes[axis]].append(r.final_value)
+        levels[axis] = []
+        for level in sorted(by_level, key=level_sort_key):
+            level_stats = mean_ci(by_level[level], confidence)
+            levels[axis].append(LevelStats(axis, level, level_stats, level_stats.mean - grand_mean))
+
+    by_config: dict[tuple[tuple[str, str], ...], list[float]] = defaultdict(list)
+    for r in usable:
+        by_config[tuple((axis, r.axes.get(axis, "")) for axis in axes)].append(r.final_value)
+    sign = 1.0 if mode == "min" else -1.0
+    configs = sorted(
+        (ConfigStats(dict(key), mean_ci(values, confidence)) for key, values in by_config.items()),
+        key=lambda c: (sign * c.stats.mean, c.label),
+    )
+    importances = param_importances(usable, axes, mode) if design == "optuna" else None
+    return AblationSummary(
+        metric=metric,
+        mode=mode,
+        confidence=confidence,
+        axes=axes,
+        grand_mean=grand_mean,
+        levels=levels,
+        configs=configs,
+        counts=counts,
+        importances=importances,
+        design=design,
+    )
+
+
+def param_importances(
+    results: Sequence[TrialResult], axes: Sequence[str], mode: Mode
+) -> dict[str, float] | None:
+    """fANOVA importances of the axes, from an Optuna study rebuilt from the trials.
+
+    The default evaluator of Optuna 5 (PED-ANOVA) compares the top quantile of trials with the rest
+    and degenerates with the few dozen trials of a sweep (equal importances); fANOVA (random forest,
+    fixed seed) does not.
+
+    Args:
+        results: completed trials with finite values.
+        axes: axis names; each becomes a categorical parameter.
+        mode: "min" or "max" (the study direction).
+
+    Returns:
+        axis -> importance (summing to 1), most important first; None with fewer than 2 trials or
+        no axis with 2+ levels.
+    """
+    import optuna  # imported here: only optuna designs need it, and it is slow to import
+
+    varying = [
+        a for a in axes if all(a in r.axes for r in results) and len({r.axes[a] for r in results}) > 1
+    ]
+    if len(results) < 2 or not varying:
+        return None
+    distributions = {
+        a: optuna.distributions.CategoricalDistribution(
+            sorted({r.axes[a] for r in results}, key=level_sort_key)
+        )
+        for a in varying
+    }
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
+    for r in results:
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={a: r.axes[a] for a in varying}, distributions=distributions, value=r.final_value
+            )
+        )
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    return {axis: float(value) for axis, value in importances.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a sweep from MLflow
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    parent: object  # mlflow.entities.Run
+    metric: str
+    mode: Mode
+    design: str
+    axes: list[str]  # plan order, then any other axis tag alphabetically
+    results: list[TrialResult]
+
+
+def _tag(tags: Mapping[str, str], *names: str) -> str | None:
+    """The first of several tag names present (the tracking layout spells a few both ways)."""
+    return next((tags[name] for name in names if name in tags), None)
+
+
+def _trial_status(run) -> TrialStatus:
+    if run.data.tags.get(TAG_PRUNED, "").lower() == "true":
+        return "pruned"
+    return {"FINISHED": "completed", "FAILED": "failed", "KILLED": "failed"}.get(run.info.status, "running")
+
+
+def _search_all(client, experiment_ids: list[str], filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _mlflow_call(tracking_uri: str, what: str, fn, *args):
+    """Call an MlflowClient method; a missing resource -> ReportError, anything else -> unreachable."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn(*args)
+    except MlflowException as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ReportError(
+                f"{what} not found at tracking URI {tracking_uri}; "
+                "pass a plan file (.yaml) or a parent run id"
+            ) from None
+        raise TrackingUnreachableError(
+            f"cannot read {what} from tracking URI {tracking_uri}: {first_line}"
+        ) from None
+
+
+def _find_parent(client, tracking_uri: str, plan_or_run_id: str):
+    """The parent run named by a run id, or the latest parent run of a plan file (by plan name)."""
+    path = Path(plan_or_run_id)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ReportError(
+                f"plan file {plan_or_run_id} does not exist; pass a plan file or a parent run id"
+            )
+        from orchestrator.plan import load_plan
+
+        name = load_plan(path).name
+        experiments = _mlflow_call(tracking_uri, "experiments", client.search_experiments)
+        ids = [e.experiment_id for e in experiments]
+        # The parent carries the plan name as a tag and as its run name; children never match
+        # the run name, but may carry the tag, hence the parent-tag filter below.
+        candidates = _search_all(client, ids, f"tags.`{TAG_PLAN_NAME}` = '{name}'")
+        candidates += _search_all(client, ids, f"attributes.run_name = '{name}'")
+        parents = [run for run in candidates if TAG_PARENT not in run.data.tags]
+        if not parents:
+            raise ReportError(
+                f"no sweep of plan {name!r} at tracking URI {tracking_uri}; run `driftsweep run {path}` first"
+            )
+        return max(parents, key=lambda run: run.info.start_time)
+    run = _mlflow_call(tracking_uri, f"run {plan_or_run_id!r}", client.get_run, plan_or_run_id)
+    if TAG_PARENT in run.data.tags:
+        raise ReportError(
+            f"run {plan_or_run_id} is a trial; "
+            f"pass its parent run id {run.data.tags[TAG_PARENT]} or the plan file"
+        )
+    return run
+
+
+def _parent_plan(client, parent) -> dict:
+    """The plan file logged on the parent run (plan.yaml, else the first root .yaml), parsed; {} if none."""
+    run_id = parent.info.run_id
+    names = [a.path for a in client.list_artifacts(run_id) if a.path.endswith((".yaml", ".yml"))]
+    if not names:
+        return {}
+    name = PLAN_ARTIFACT if PLAN_ARTIFACT in names else names[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = yaml.safe_load(Path(client.download_artifacts(run_id, name, tmp)).read_text())
+    return plan if isinstance(plan, dict) else {}
+
+
+def _load(tracking_uri: str, plan_or_run_id: str) -> _Sweep:
+    """Read the parent, its plan and every child of a sweep (see `load_results`)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    parent = _find_parent(client, tracking_uri, plan_or_run_id)
+    parent_id = parent.info.run_id
+    plan = _mlflow_call(tracking_uri, f"artifacts of run {parent_id}", _parent_plan, client, parent)
+    metric, mode = parent.data.tags.get(TAG_METRIC), parent.data.tags.get(TAG_MODE)
+    if (not metric or mode not in ("min", "max")) and "objective" in plan:
+        from orchestrator.plan import Objective
+
+        # The plan's own rule resolves an omitted mode (max for cosine/samples_per_s, else min).
+        objective = Objective.model_validate(plan["objective"])
+        metric, mode = objective.metric, objective.direction
+    if not metric or mode not in ("min", "max"):
+        raise ReportError(
+            f"run {parent_id} has no objective: neither tags {TAG_METRIC} and {TAG_MODE} (min|max) "
+            "nor a plan artifact with an objective; it is not a driftsweep parent run"
+        )
+    design = parent.data.tags.get(TAG_DESIGN) or (plan.get("design") or {}).get("type", "grid")
+
+    children = _search_all(client, [parent.info.experiment_id], f"tags.`{TAG_PARENT}` = '{parent_id}'")
+    if not children:
+        raise ReportError(f"parent run {parent_id} has no trial (child) runs yet; nothing to report")
+    results = []
+    for run in children:
+        # Sort by (step, timestamp): the final value is the last one logged at the largest step.
+        metrics = client.get_metric_history(run.info.run_id, metric)
+        history = sorted((m.step, m.timestamp, m.value) for m in metrics)
+        tags = run.data.tags
+        results.append(
+            TrialResult(
+                name=run.info.run_name or run.info.run_id,
+                axes={k[len(AXIS_TAG_PREFIX) :]: v for k, v in tags.items() if k.startswith(AXIS_TAG_PREFIX)},
+                status=_trial_status(run),
+                final_value=history[-1][2] if history else None,
+                history=[(step, value) for step, _, value in history],
+                replicate=int(_tag(tags, *TAGS_REPLICATE) or 0),
+            )
+        )
+    names = {axis for r in results for axis in r.axes}
+    planned = [axis for axis in (plan.get("axes") or {}) if axis in names]
+    axes = planned + sorted(names - set(planned))
+    return _Sweep(parent, metric, mode, str(design), axes, sorted(results, key=lambda r: r.name))
+
+
+def load_results(tracking_uri: str, plan_or_run_id: str) -> tuple[object, list[TrialResult]]:
+    """Read a sweep from MLflow: its parent run and one TrialResult per child run.
+
+    Args:
+        tracking_uri: MLflow tracking URI (e.g. sqlite:///mlflow.db, http://127.0.0.1:5000).
+        plan_or_run_id: a plan file path (the latest parent run of that plan name is used) or a
+            parent run id.
+
+    Returns:
+        (parent run as an mlflow.entities.Run, trials sorted by run name).
+
+    Raises:
+        ReportError: unknown run/plan, a child run id, a parent without objective or children.
+        TrackingUnreachableError: the tracking store cannot be read.
+    """
+    sweep = _load(tracking_uri, plan_or_run_id)
+    return sweep.parent, sweep.results
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TableData:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _fmt_ci(s: MeanStats, shift: float = 0.0) -> str:
+    """`[low, high]` (shifted, e.g. by minus the grand mean for an effect's CI), or n/a."""
+    return "n/a" if s.ci_low is None else f"[{_fmt(s.ci_low + shift)}, {_fmt(s.ci_high + shift)}]"
+
+
+def _tables(summary: AblationSummary) -> list[_TableData]:
+    """The report's tables as strings; Markdown, HTML, CSV and the terminal all render these."""
+    ci = f"{summary.confidence:.0%} CI"
+    effects = _TableData(
+        f"Main effects on {summary.metric} (effect = level mean - grand mean {_fmt(summary.grand_mean)})",
+        ["axis", "level", "n", "mean", "std", ci, "effect", f"effect {ci}"],
+        [
+            [
+                lv.axis,
+                lv.level,
+                str(lv.stats.n),
+                _fmt(lv.stats.mean),
+                _fmt(lv.stats.std),
+                _fmt_ci(lv.stats),
+                f"{lv.effect:+.4g}",
+                _fmt_ci(lv.stats, shift=-summary.grand_mean),
+            ]
+            for axis in summary.axes
+            for lv in summary.levels[axis]
+        ],
+    )
+    direction = "lower" if summary.mode == "min" else "higher"
+    configs = _TableData(
+        f"Best configurations ({direction} {summary.metric} is better; mean over replicates)",
+        ["rank", "configuration", "n", "mean", ci],
+        [
+            [str(i + 1), c.label, str(c.stats.n), _fmt(c.stats.mean), _fmt_ci(c.stats)]
+            for i, c in enumerate(summary.configs[:TOP_CONFIGS])
+        ],
+    )
+    counts = _TableData(
+        "Trials (only completed trials with a metric value enter the means)",
+        list(summary.counts),
+        [[str(v) for v in summary.counts.values()]],
+    )
+    tables = [effects, configs, counts]
+    if summary.importances:
+        tables.append(
+            _TableData(
+                "Optuna parameter importances (fANOVA, normalized to sum 1)",
+                ["axis", "importance"],
+                [[axis, f"{value:.3f}"] for axis, value in summary.importances.items()],
+            )
+        )
+    return tables
+
+
+def report_table(summary: AblationSummary) -> Table:
+    """The terminal view: main effects, with the best configuration and trial counts as caption.
+
+    Args:
+        summary: from `summarize`.
+
+    Returns:
+        A rich Table (print it with rich.console.Console().print).
+    """
+    effects = _tables(summary)[0]
+    table = Table(title=effects.title)
+    for header in effects.headers:
+        table.add_column(header, justify="left" if header in ("axis", "level") else "right")
+    for row in effects.rows:
+        table.add_row(*row)
+    counts = ", ".join(f"{k} {v}" for k, v in summary.counts.items())
+    caption = f"best: {summary.best.label} ({summary.metric} {_fmt(summary.best.stats.mean)}) | {counts}"
+    if summary.importances:
+        caption += " | importance: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.importances.items())
+    table.caption = caption
+    return table
+
+
+def _intro(summary: AblationSummary) -> list[str]:
+    """Heading paragraphs shared by Markdown and HTML (plain text)."""
+    return [
+        f"Design: {summary.design}. Objective: {summary.mode} {summary.metric} "
+        "(last logged value of each trial).",
+        f"Best configuration: {summary.best.label}, mean {_fmt(summary.best.stats.mean)} over "
+        f"{summary.best.stats.n} replicate(s), {summary.confidence:.0%} CI {_fmt_ci(summary.best.stats)}.",
+        "Means pool replicates and the other axes' levels; CIs are Student-t intervals of the mean "
+        "(n/a with a single trial); pruned and failed trials are counted, not averaged.",
+    ]
+
+
+def render_markdown(summary: AblationSummary, figures: Mapping[str, Path], path: Path, title: str) -> Path:
+    """Write the report as Markdown; figures are linked by file name (keep them next to it).
+
+    Args:
+        summary: from `summarize`.
+        figures: caption -> PNG path, in display order.
+        path: output .md file.
+        title: page heading (the plan name).
+
+    Returns:
+        path.
+    """
+    lines = [f"# {title}", "", *(f"{p}\n" for p in _intro(summary))]
+    for table in _tables(summary):
+        lines += [f"## {table.title}", "", "| " + " | ".join(table.headers) + " |"]
+        lines.append("|" + "---|" * len(table.headers))
+        lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+        lines.append("")
+    for caption, figure in figures.items():
+        lines += [f"## {caption}", "", f"![{caption}]({Path(figure).name})", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}"
+    "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    "th{background:#f0f0f0}td:nth-child(-n+2){text-align:left}img{max-width:100%}"
+)
+
+
+def render_html(summary: AblationSummary, figures: Mapping[str, Path], path: Path, title: str) -> Path:
+    """Write the report as one self-contained HTML page (inline CSS, PNGs as base64 data URIs).
+
+    Args:
+        summary: from `summarize`.
+        figures: caption -> PNG path, in display order.
+        path: output .html file.
+        title: page heading (the plan name).
+
+    Returns:
+        path.
+    """
+    esc = html.escape
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
+        f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>",
+        *(f"<p>{esc(p)}</p>" for p in _intro(summary)),
+    ]
+    for table in _tables(summary):
+        parts.append(f"<h2>{esc(table.title)}</h2><table><tr>")
+        parts += [f"<th>{esc(h)}</th>" for h in table.headers]
+        parts.append("</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in table.rows]
+        parts.append("</table>")
+    for caption, figure in figures.items():
+        data = base64.b64encode(Path(figure).read_bytes()).decode("ascii")
+        parts.append(f"<h2>{esc(caption)}</h2><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
+    return path
+
+
+def write_effects_csv(summary: AblationSummary, path: Path) -> Path:
+    """Write the main-effects table as CSV (the table artifact MLflow previews)."""
+    effects = _tables(summary)[0]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(effects.headers)
+        writer.writerows(effects.rows)
+    return path
+
+
+def attach_to_parent(tracking_uri: str, parent_run_id: str, paths: Sequence[Path]) -> None:
+    """Log report files as artifacts of the parent run under `report/`.
+
+    Files are logged one by one (not the whole directory) so that stale files left in a reused
+    output directory by another sweep are never attached.
+
+    Args:
+        tracking_uri: MLflow tracking URI.
+        parent_run_id: the sweep's parent run.
+        paths: files to log.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for path in paths:
+        client.log_artifact(parent_run_id, str(path), artifact_path=REPORT_ARTIFACT_DIR)
+
+
+def build_report(
+    plan_or_run_id: str,
+    tracking_uri: str | None = None,
+    out_dir: str | Path = "report",
+    attach: bool = True,
+    console: Console | None = None,
+) -> Path:
+    """Summarize a sweep, plot it, write report.html/report.md/main_effects.csv and PNGs.
+
+    Args:
+        plan_or_run_id: plan file path (latest sweep of that plan) or parent run id.
+        tracking_uri: MLflow tracking URI; None = mlflow's current one (MLFLOW_TRACKING_URI).
+        out_dir: output directory (created).
+        attach: also log the files on the parent run under `report/`.
+        console: if given, the summary table is printed on it.
+
+    Returns:
+        Path of report.html (the other files are next to it).
+
+    Raises:
+        ReportError: unknown run/plan, not a driftsweep parent, nothing completed.
+        TrackingUnreachableError: the tracking store cannot be read.
+    """
+    import mlflow
+
+    from orchestrator import plots  # imported here: plots imports this module
+
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+    sweep = _load(tracking_uri, plan_or_run_id)
+    parent = sweep.parent
+    summary = summarize(sweep.results, sweep.axes, sweep.metric, sweep.mode, design=sweep.design)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"driftsweep report: {parent.data.tags.get(TAG_PLAN_NAME) or parent.info.run_name}"
+    figures = plots.render_figures(summary, sweep.results, out)
+    written = [
+        render_html(summary, figures, out / "report.html", title),
+        render_markdown(summary, figures, out / "report.md", title),
+        write_effects_csv(summary, out / "main_effects.csv"),
+        *figures.values(),
+    ]
+    if attach:
+        attach_to_parent(tracking_uri, parent.info.run_id, written)
+    if console is not None:
+        console.print(report_table(summary))
+    return written[0]

@@ -1,0 +1,419 @@
+"""`driftsweep report`: numbers against independent computations, rendering, and an MLflow round trip.
+
+Expected means/CIs come from literal value lists in this file and numpy + scipy.stats.t.interval
+(a different scipy entry point than the report's t.ppf), or from a t-table value worked by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+from scipy import stats
+
+from orchestrator import plots
+from orchestrator.report import (
+    ReportError,
+    TrialResult,
+    build_report,
+    level_sort_key,
+    load_results,
+    mean_ci,
+    render_html,
+    render_markdown,
+    report_table,
+    summarize,
+)
+
+AXES = ["kernel", "batch_size"]
+# Final swd per configuration, two replicates each. Traps for "best": laplace/256 holds the single
+# lowest AND the single highest value, but neither its mean (2.55) is the min nor the max.
+VALUES = {
+    ("laplace", "64"): [1.0, 1.4],  # mean 1.2
+    ("laplace", "256"): [0.1, 5.0],  # mean 2.55
+    ("gaussian", "64"): [3.0, 3.5],  # mean 3.25 -> best for max
+    ("gaussian", "256"): [0.5, 0.9],  # mean 0.7  -> best for min
+}
+LEVEL_VALUES = {  # written out by hand from VALUES
+    ("kernel", "laplace"): [1.0, 1.4, 0.1, 5.0],
+    ("kernel", "gaussian"): [3.0, 3.5, 0.5, 0.9],
+    ("batch_size", "64"): [1.0, 1.4, 3.0, 3.5],
+    ("batch_size", "256"): [0.1, 5.0, 0.5, 0.9],
+}
+ALL_VALUES = [1.0, 1.4, 0.1, 5.0, 3.0, 3.5, 0.5, 0.9]
+HISTORY_STEPS = (0, 100, 200)
+
+
+def _history(final: float) -> list[tuple[int, float]]:
+    """A decreasing curve ending at `final` (so the final value is the step-200 value)."""
+    return [(0, final + 2.0), (100, final + 1.0), (200, final)]
+
+
+def fake_results() -> list[TrialResult]:
+    """8 completed trials + trials that must be counted but never averaged."""
+    results = [
+        TrialResult(f"kernel={k},batch_size={b},rep={rep}", {"kernel": k, "batch_size": b}, "completed",
+                    value, _history(value), rep)
+        for (k, b), values in VALUES.items()
+        for rep, value in enumerate(values)
+    ]
+    # Out-of-range values: if any of these entered a mean or the best config, the checks would fail.
+    results += [
+        TrialResult("pruned", {"kernel": "gaussian", "batch_size": "256"}, "pruned", -100.0, [(0, -100.0)], 2),
+        TrialResult("failed", {"kernel": "laplace", "batch_size": "64"}, "failed", -50.0, [(0, -50.0)], 2),
+        TrialResult("running", {"kernel": "laplace", "batch_size": "64"}, "running", -70.0, [(0, -70.0)], 3),
+        TrialResult("nan", {"kernel": "gaussian", "batch_size": "64"}, "completed", float("nan"), [], 2),
+        TrialResult("no-metric", {"kernel": "gaussian", "batch_size": "64"}, "completed", None, [], 3),
+    ]
+    return results
+
+
+def expected_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    mean = float(np.mean(values))
+    return stats.t.interval(confidence, df=len(values) - 1, loc=mean, scale=stats.sem(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Core numbers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mean_ci_matches_hand_computation():
+    # values 1, 2, 3: mean 2, s = sqrt(((1-2)^2 + 0 + (3-2)^2) / 2) = 1, n = 3;
+    # t table (two-sided 95%, 2 df) = 4.3027; half width = 4.3027 * 1 / sqrt(3) = 2.4841.
+    result = mean_ci([1.0, 2.0, 3.0], 0.95)
+    assert result.n == 3
+    assert result.mean == pytest.approx(2.0)
+    assert result.std == pytest.approx(1.0)
+    assert result.ci_low == pytest.approx(2.0 - 2.4841, abs=1e-3)
+    assert result.ci_high == pytest.approx(2.0 + 2.4841, abs=1e-3)
+    # 90%: t table (2 df) = 2.9200 -> half width 1.6859.
+    assert mean_ci([1.0, 2.0, 3.0], 0.90).ci_high == pytest.approx(2.0 + 1.6859, abs=1e-3)
+
+
+def test_mean_ci_single_value_has_no_interval():
+    result = mean_ci([4.2])
+    assert (result.n, result.mean) == (1, 4.2)
+    assert result.std is None and result.ci_low is None and result.ci_high is None
+    assert result.ci_half_width is None
+
+
+@pytest.mark.parametrize("confidence", [0.0, 1.0, 1.5, -0.1])
+def test_mean_ci_rejects_bad_confidence(confidence):
+    with pytest.raises(ReportError, match="confidence"):
+        mean_ci([1.0, 2.0], confidence)
+
+
+@pytest.mark.parametrize("confidence", [0.95, 0.8])
+def test_level_means_cis_and_effects_match_scipy(confidence):
+    summary = summarize(fake_results(), AXES, "swd", "min", confidence)
+    grand_mean = float(np.mean(ALL_VALUES))
+    assert summary.grand_mean == pytest.approx(grand_mean)
+    assert summary.axes == AXES
+    seen = set()
+    for axis in AXES:
+        for level in summary.levels[axis]:
+            values = LEVEL_VALUES[(axis, level.level)]
+            low, high = expected_ci(values, confidence)
+            assert level.stats.n == len(values)
+            assert level.stats.mean == pytest.approx(np.mean(values))
+            assert level.stats.std == pytest.approx(np.std(values, ddof=1))
+            assert level.stats.ci_low == pytest.approx(low)
+            assert level.stats.ci_high == pytest.approx(high)
+            assert level.effect == pytest.approx(np.mean(values) - grand_mean)
+            seen.add((axis, level.level))
+    assert seen == set(LEVEL_VALUES)
+
+
+def test_pruned_failed_running_are_counted_not_averaged():
+    summary = summarize(fake_results(), AXES, "swd", "min")
+    assert summary.counts == {"completed": 10, "pruned": 1, "failed": 1, "running": 1, "no_metric": 2}
+    assert sum(level.stats.n for level in summary.levels["kernel"]) == 8
+    assert sum(config.stats.n for config in summary.configs) == 8
+
+
+@pytest.mark.parametrize(
+    ("mode", "best", "best_mean", "order"),
+    [
+        ("min", {"kernel": "gaussian", "batch_size": "256"}, 0.7, [0.7, 1.2, 2.55, 3.25]),
+        ("max", {"kernel": "gaussian", "batch_size": "64"}, 3.25, [3.25, 2.55, 1.2, 0.7]),
+    ],
+)
+def test_best_configuration_by_mean_over_replicates(mode, best, best_mean, order):
+    summary = summarize(fake_results(), AXES, "swd", mode)
+    assert summary.best.axes == best
+    assert summary.best.stats.mean == pytest.approx(best_mean)
+    assert summary.best.stats.n == 2
+    assert [c.stats.mean for c in summary.configs] == pytest.approx(order)
+    assert summary.best.label == f"kernel={best['kernel']},batch_size={best['batch_size']}"
+
+
+def test_single_trial_level_has_no_ci():
+    results = [
+        TrialResult(f"t{i}", {"feature_map": "identity"}, "completed", v)
+        for i, v in enumerate([1.0, 2.0, 4.0])
+    ]
+    results.append(TrialResult("rp", {"feature_map": "random_projection"}, "completed", 3.0))
+    summary = summarize(results, ["feature_map"], "swd", "min")
+    single = next(level for level in summary.levels["feature_map"] if level.level == "random_projection")
+    assert single.stats.n == 1 and single.stats.ci_low is None and single.stats.std is None
+    assert single.effect == pytest.approx(3.0 - 2.5)  # grand mean (1 + 2 + 4 + 3) / 4 = 2.5
+    row = next(line for line in _markdown(summary).splitlines() if "| random_projection |" in line)
+    assert row.count("n/a") == 3  # std, CI, effect CI
+
+
+def test_bad_arguments_and_nothing_completed():
+    with pytest.raises(ReportError, match="mode"):
+        summarize(fake_results(), AXES, "swd", "minimize")
+    with pytest.raises(ReportError, match="axes"):
+        summarize(fake_results(), [], "swd", "min")
+    failed = [TrialResult("f", {"kernel": "laplace"}, "failed", None)]
+    with pytest.raises(ReportError, match="failed=1"):
+        summarize(failed, ["kernel"], "swd", "min")
+
+
+def test_levels_sorted_naturally():
+    levels = ["256", "1024", "64", "[0.2]", "[0.02,0.05,0.2]", "[0.05]", "gaussian"]
+    expected = ["64", "256", "1024", "[0.02,0.05,0.2]", "[0.05]", "[0.2]", "gaussian"]
+    assert sorted(levels, key=level_sort_key) == expected
+
+
+def test_optuna_importances_rank_the_axis_that_matters():
+    # kernel moves the value by 5, batch_size by 0.1: kernel must dominate.
+    rng = np.random.default_rng(0)
+    results = [
+        TrialResult(f"t{i}", {"kernel": k, "batch_size": b}, "completed",
+                    (5.0 if k == "gaussian" else 0.0) + (0.1 if b == "64" else 0.0) + 0.01 * rng.normal())
+        for i, (k, b) in enumerate([(k, b) for k in ("laplace", "gaussian") for b in ("64", "256")] * 4)
+    ]
+    importances = summarize(results, AXES, "swd", "min", design="optuna").importances
+    assert set(importances) == set(AXES)
+    assert sum(importances.values()) == pytest.approx(1.0)
+    assert importances["kernel"] > 0.9
+    assert summarize(results, AXES, "swd", "min", design="grid").importances is None
+
+
+def test_mean_curve_over_runs():
+    steps, mean, std = plots._mean_curve([[(0, 1.0), (10, 2.0)], [(0, 3.0)]])
+    assert steps.tolist() == [0, 10]
+    assert mean.tolist() == pytest.approx([2.0, 2.0])
+    assert std[0] == pytest.approx(np.sqrt(2.0)) and np.isnan(std[1])
+
+
+def test_kernel_pairs_match_config_means():
+    summary = summarize(fake_results(), AXES, "swd", "min")
+    pairs = dict(plots.kernel_pairs(summary))
+    assert list(pairs) == ["batch_size=64", "batch_size=256"]  # natural level order
+    for b in ("64", "256"):
+        for k in ("laplace", "gaussian"):
+            assert pairs[f"batch_size={b}"][k].stats.mean == pytest.approx(np.mean(VALUES[(k, b)]))
+    only_laplace = [r for r in fake_results() if r.axes["kernel"] == "laplace"]
+    assert plots.kernel_pairs(summarize(only_laplace, AXES, "swd", "min")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+
+def _markdown(summary, figures=None, tmp_dir: Path | None = None) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return render_markdown(summary, figures or {}, Path(tmp_dir or tmp) / "r.md", "t").read_text()
+
+
+def test_html_is_self_contained_and_complete(tmp_path):
+    results = fake_results()
+    summary = summarize(results, AXES, "swd", "min")
+    figures = plots.render_figures(summary, results, tmp_path)
+    names = ["metric_vs_step.png", "main_effects.png", "laplace_vs_gaussian.png"]
+    assert [p.name for p in figures.values()] == names
+    page = render_html(summary, figures, tmp_path / "report.html", "driftsweep report: demo").read_text()
+
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.IGNORECASE)
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(images) == len(figures) == 3
+    for data, path in zip(images, figures.values(), strict=True):
+        assert base64.b64decode(data) == path.read_bytes()
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for (axis, level) in LEVEL_VALUES:
+        assert f"<td>{axis}</td><td>{level}</td>" in page
+    assert "kernel=gaussian,batch_size=256" in page  # the best configuration
+
+
+def test_markdown_links_figures_and_lists_axes(tmp_path):
+    results = fake_results()
+    summary = summarize(results, AXES, "swd", "min")
+    figures = plots.render_figures(summary, results, tmp_path)
+    text = _markdown(summary, figures, tmp_path)
+    for path in figures.values():
+        assert f"]({path.name})" in text and path.exists()
+    for axis, level in LEVEL_VALUES:
+        assert f"| {axis} | {level} |" in text
+    assert "| 10 | 1 | 1 | 1 | 2 |" in text  # completed, pruned, failed, running, no_metric
+
+
+def test_no_kernel_figure_when_one_kernel_ran(tmp_path):
+    results = [r for r in fake_results() if r.axes["kernel"] == "gaussian"]
+    figures = plots.render_figures(summarize(results, AXES, "swd", "min"), results, tmp_path)
+    assert [p.name for p in figures.values()] == ["metric_vs_step.png", "main_effects.png"]
+    assert not (tmp_path / "laplace_vs_gaussian.png").exists()
+
+
+def test_terminal_table():
+    summary = summarize(fake_results(), AXES, "swd", "min")
+    table = report_table(summary)
+    assert table.row_count == len(LEVEL_VALUES)
+    console = Console(record=True, width=200)
+    console.print(table)
+    text = console.export_text()
+    assert "kernel=gaussian,batch_size=256" in text and "pruned 1" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow round trip (real sqlite store, in the tracking layout of the brief: one parent per plan,
+# one nested child per trial with axis.<name> tags)
+# ---------------------------------------------------------------------------------------------
+
+PLAN_YAML = """\
+name: report-demo
+objective: {metric: swd, mode: min}
+axes:
+  kernel: [laplace, gaussian]
+  batch_size: [64, 256]
+replicates: 2
+"""
+
+
+def _write_sweep(root: Path) -> tuple[str, str, str]:
+    """A fake sweep in the tracking layout. Returns (tracking uri, parent run id, a child run id)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunStatus
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("report-demo", artifact_location=(root / "artifacts").as_uri())
+    plan_file = root / "plan.yaml"
+    plan_file.write_text(PLAN_YAML)
+    parent_tags = {
+        "driftsweep.plan_hash": "abc123",
+        "driftsweep.plan_name": "report-demo",
+        "driftsweep.design": "grid",
+        "driftsweep.objective_metric": "swd",
+        "driftsweep.objective_mode": "min",
+    }
+    now_ms = int(time.time() * 1000)
+    # An older sweep of the same plan: a plan-file lookup must pick the newer one.
+    client.create_run(experiment_id, start_time=now_ms - 60_000, run_name="report-demo", tags=parent_tags)
+    parent = client.create_run(experiment_id, start_time=now_ms, run_name="report-demo", tags=parent_tags)
+    parent_id = parent.info.run_id
+    client.log_artifact(parent_id, str(plan_file))
+
+    def child(name, axes, status, final, replicate, extra_tags=None):
+        tags = {"mlflow.parentRunId": parent_id, "driftsweep.trial_id": name,
+                "driftsweep.replicate": str(replicate), "driftsweep.seed": "7",
+                **{f"axis.{a}": v for a, v in axes.items()}, **(extra_tags or {})}
+        run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        if final is not None:
+            # Logged out of step order (step 200 first) on purpose: the final value is by step.
+            history = _history(final)
+            metrics = [Metric("swd", history[2][1], now_ms, 200)]
+            metrics += [Metric("swd", v, now_ms, s) for s, v in history[:2]]
+            metrics.append(Metric("loss", 1.0, now_ms, 200))
+            client.log_batch(run_id, metrics=metrics)
+        client.set_terminated(run_id, RunStatus.to_string(status))
+        return run_id
+
+    child_id = None
+    for (kernel, batch), values in VALUES.items():
+        for rep, value in enumerate(values):
+            axes = {"kernel": kernel, "batch_size": batch}
+            name = f"kernel={kernel},batch_size={batch},rep={rep}"
+            child_id = child(name, axes, RunStatus.FINISHED, value, rep)
+    pruned_tags = {"pruned": "true"}
+    child("pruned", {"kernel": "gaussian", "batch_size": "256"}, RunStatus.KILLED, -100.0, 2, pruned_tags)
+    child("failed", {"kernel": "laplace", "batch_size": "64"}, RunStatus.FAILED, -50.0, 2)
+    child("killed", {"kernel": "laplace", "batch_size": "256"}, RunStatus.KILLED, None, 3)
+    return uri, parent_id, child_id
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    uri, parent_id, child_id = _write_sweep(root)
+    return root, uri, parent_id, child_id
+
+
+@pytest.mark.slow  # the sqlite store's migrations take ~10 s once per module
+def test_load_results_reads_the_layout(sweep):
+    root, uri, parent_id, _ = sweep
+    parent, results = load_results(uri, parent_id)
+    assert parent.info.run_id == parent_id
+    by_name = {r.name: r for r in results}
+    assert len(results) == 11
+    trial = by_name["kernel=laplace,batch_size=256,rep=1"]
+    assert trial.axes == {"kernel": "laplace", "batch_size": "256"}
+    assert (trial.status, trial.final_value, trial.replicate) == ("completed", 5.0, 1)
+    assert trial.history == [(s, v) for s, v in _history(5.0)]
+    assert by_name["pruned"].status == "pruned"
+    assert by_name["failed"].status == "failed" and by_name["killed"].status == "failed"
+
+
+@pytest.mark.slow  # the sqlite store's migrations take ~10 s once per module
+def test_plan_file_finds_the_latest_parent(sweep):
+    root, uri, parent_id, _ = sweep
+    parent, _ = load_results(uri, str(root / "plan.yaml"))
+    assert parent.info.run_id == parent_id
+
+
+@pytest.mark.slow  # the sqlite store's migrations take ~10 s once per module
+def test_bad_run_ids_give_one_line_errors(sweep, tmp_path):
+    _, uri, parent_id, child_id = sweep
+    with pytest.raises(ReportError, match="not found") as unknown:
+        load_results(uri, "0123456789abcdef0123456789abcdef")
+    assert "\n" not in str(unknown.value)
+    with pytest.raises(ReportError, match=parent_id):
+        load_results(uri, child_id)
+    with pytest.raises(ReportError, match="does not exist"):
+        load_results(uri, str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.slow
+def test_build_report_end_to_end(sweep, tmp_path):
+    from mlflow import MlflowClient
+
+    _, uri, parent_id, _ = sweep
+    console = Console(record=True, width=200)
+    html_path = build_report(parent_id, tracking_uri=uri, out_dir=tmp_path / "out", attach=True,
+                             console=console)
+    assert html_path == tmp_path / "out" / "report.html" and html_path.exists()
+    assert "kernel=gaussian,batch_size=256" in console.export_text()
+
+    client = MlflowClient(uri)
+    attached = {a.path for a in client.list_artifacts(parent_id, "report")}
+    expected = {"report.html", "report.md", "main_effects.csv", "metric_vs_step.png", "main_effects.png",
+                "laplace_vs_gaussian.png"}
+    assert attached == {f"report/{name}" for name in expected}
+
+    # The attached table, read back from the artifact store, against the independent numbers,
+    # in the plan's axis order (kernel before batch_size, not alphabetical).
+    csv_path = Path(client.download_artifacts(parent_id, "report/main_effects.csv", str(tmp_path)))
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [(r["axis"], r["level"]) for r in rows] == [
+        ("kernel", "gaussian"), ("kernel", "laplace"), ("batch_size", "64"), ("batch_size", "256")
+    ]
+    for row in rows:
+        values = LEVEL_VALUES[(row["axis"], row["level"])]
+        low, high = expected_ci(values)
+        assert int(row["n"]) == len(values)
+        assert float(row["mean"]) == pytest.approx(np.mean(values), rel=1e-3)
+        ci_low, ci_high = (float(x) for x in row["95% CI"].strip("[]").split(","))
+        assert (ci_low, ci_high) == pytest.approx((low, high), rel=1e-3)
