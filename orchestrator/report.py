@@ -49,9 +49,12 @@ TrialStatus = Literal["completed", "pruned", "failed", "running"]
 Mode = Literal["min", "max"]
 STATUSES: tuple[TrialStatus, ...] = ("completed", "pruned", "failed", "running")
 
-# Tracking layout (contract with orchestrator/tracking.py).
+# Tracking layout (contract with orchestrator/tracking.py). Where the brief and the runner spell a
+# tag differently (replicate), or the runner omits it (plan name = parent run name; objective =
+# the plan artifact's), both are read.
 TAG_PARENT = "mlflow.parentRunId"
 TAG_PLAN_NAME = "driftsweep.plan_name"
+TAG_PLAN_HASH = "driftsweep.plan_hash"
 TAG_DESIGN = "driftsweep.design"
 TAG_METRIC = "driftsweep.objective_metric"
 TAG_MODE = "driftsweep.objective_mode"
@@ -374,28 +377,39 @@ def _mlflow_call(tracking_uri: str, what: str, fn, *args):
 
 
 def _find_parent(client, tracking_uri: str, plan_or_run_id: str):
-    """The parent run named by a run id, or the latest parent run of a plan file (by plan name)."""
+    """The parent run named by a run id, or the latest sweep of a plan file.
+
+    For a plan file: among the parent runs of the plan's experiment named after the plan (tag or
+    run name), the latest one whose plan-hash tag matches the file's content; else the latest.
+    """
     path = Path(plan_or_run_id)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ReportError(
                 f"plan file {plan_or_run_id} does not exist; pass a plan file or a parent run id"
             )
-        from orchestrator.plan import load_plan
+        from orchestrator.plan import load_plan, resolve_experiment
+        from orchestrator.runner import plan_hash  # imports ray: only the plan-file lookup pays it
 
-        name = load_plan(path).name
-        experiments = _mlflow_call(tracking_uri, "experiments", client.search_experiments)
-        ids = [e.experiment_id for e in experiments]
-        # The parent carries the plan name as a tag and as its run name; children never match
-        # the run name, but may carry the tag, hence the parent-tag filter below.
-        candidates = _search_all(client, ids, f"tags.`{TAG_PLAN_NAME}` = '{name}'")
-        candidates += _search_all(client, ids, f"attributes.run_name = '{name}'")
+        plan = load_plan(path)
+        missing = (
+            f"no sweep of plan {plan.name!r} at tracking URI {tracking_uri}; run `driftsweep run {path}` first"
+        )
+        experiment_name = resolve_experiment(plan)
+        experiment = _mlflow_call(
+            tracking_uri, f"experiment {experiment_name!r}", client.get_experiment_by_name, experiment_name
+        )
+        if experiment is None:
+            raise ReportError(missing)
+        ids = [experiment.experiment_id]
+        # Children may carry the plan-name tag too, hence the parent-tag filter below.
+        candidates = _search_all(client, ids, f"tags.`{TAG_PLAN_NAME}` = '{plan.name}'")
+        candidates += _search_all(client, ids, f"attributes.run_name = '{plan.name}'")
         parents = [run for run in candidates if TAG_PARENT not in run.data.tags]
         if not parents:
-            raise ReportError(
-                f"no sweep of plan {name!r} at tracking URI {tracking_uri}; run `driftsweep run {path}` first"
-            )
-        return max(parents, key=lambda run: run.info.start_time)
+            raise ReportError(missing)
+        same_content = [run for run in parents if run.data.tags.get(TAG_PLAN_HASH) == plan_hash(plan)]
+        return max(same_content or parents, key=lambda run: run.info.start_time)
     run = _mlflow_call(tracking_uri, f"run {plan_or_run_id!r}", client.get_run, plan_or_run_id)
     if TAG_PARENT in run.data.tags:
         raise ReportError(
@@ -469,8 +483,8 @@ def load_results(tracking_uri: str, plan_or_run_id: str) -> tuple[object, list[T
 
     Args:
         tracking_uri: MLflow tracking URI (e.g. sqlite:///mlflow.db, http://127.0.0.1:5000).
-        plan_or_run_id: a plan file path (the latest parent run of that plan name is used) or a
-            parent run id.
+        plan_or_run_id: a plan file path (the latest sweep of that plan, preferring one whose
+            `driftsweep.plan_hash` matches the file) or a parent run id.
 
     Returns:
         (parent run as an mlflow.entities.Run, trials sorted by run name).

@@ -279,47 +279,50 @@ def test_terminal_table():
 
 
 # ---------------------------------------------------------------------------------------------
-# MLflow round trip (real sqlite store, in the tracking layout of the brief: one parent per plan,
-# one nested child per trial with axis.<name> tags)
+# MLflow round trip in a real sqlite store. Two layouts of one parent per plan + one nested child
+# per trial with axis.<name> tags:
+# - "brief": the report contract (driftsweep.plan_name/objective_* tags, plan.yaml artifact,
+#   driftsweep.replicate);
+# - "runner": what orchestrator/runner.py + trainable.py write today (parent run name = plan name,
+#   no objective tags, the plan file under its own name with objective.mode omitted, `replicate`).
 # ---------------------------------------------------------------------------------------------
 
-PLAN_YAML = """\
-name: report-demo
-objective: {metric: swd, mode: min}
-axes:
-  kernel: [laplace, gaussian]
-  batch_size: [64, 256]
-replicates: 2
-"""
+PLANS = {
+    "brief": "name: brief-demo\nobjective: {metric: swd, mode: min}\n"
+    "axes:\n  kernel: [laplace, gaussian]\n  batch_size: [64, 256]\nreplicates: 2\n",
+    "runner": "name: runner-demo\nobjective: {metric: swd}\n"
+    "axes:\n  kernel: [laplace, gaussian]\n  batch_size: [64, 256]\nreplicates: 2\n",
+}
 
 
-def _write_sweep(root: Path) -> tuple[str, str, str]:
-    """A fake sweep in the tracking layout. Returns (tracking uri, parent run id, a child run id)."""
-    from mlflow import MlflowClient
+def _write_sweep(client, root: Path, layout: str) -> dict:
+    """A fake sweep in `layout`. Returns plan path, parent id, a child id."""
     from mlflow.entities import Metric, RunStatus
 
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment_id = client.create_experiment("report-demo", artifact_location=(root / "artifacts").as_uri())
-    plan_file = root / "plan.yaml"
-    plan_file.write_text(PLAN_YAML)
-    parent_tags = {
-        "driftsweep.plan_hash": "abc123",
-        "driftsweep.plan_name": "report-demo",
-        "driftsweep.design": "grid",
-        "driftsweep.objective_metric": "swd",
-        "driftsweep.objective_mode": "min",
-    }
+    from orchestrator.plan import load_plan
+    from orchestrator.runner import plan_hash
+
+    plan_file = root / ("plan.yaml" if layout == "brief" else "runner-demo.yaml")
+    plan_file.write_text(PLANS[layout])
+    plan = load_plan(plan_file)
+    experiment_id = client.create_experiment(plan.name, artifact_location=(root / layout).as_uri())
+    parent_tags = {"driftsweep.plan_hash": plan_hash(plan), "driftsweep.design": "grid"}
+    if layout == "brief":
+        parent_tags |= {"driftsweep.plan_name": plan.name, "driftsweep.objective_metric": "swd",
+                        "driftsweep.objective_mode": "min"}
     now_ms = int(time.time() * 1000)
-    # An older sweep of the same plan: a plan-file lookup must pick the newer one.
-    client.create_run(experiment_id, start_time=now_ms - 60_000, run_name="report-demo", tags=parent_tags)
-    parent = client.create_run(experiment_id, start_time=now_ms, run_name="report-demo", tags=parent_tags)
+    # Decoys: an older sweep of the same content, and a newer one of other content (edited plan).
+    # A plan-file lookup must pick the latest sweep with the file's hash: the real parent.
+    client.create_run(experiment_id, start_time=now_ms - 60_000, run_name=plan.name, tags=parent_tags)
+    stale_tags = {**parent_tags, "driftsweep.plan_hash": "stale"}
+    client.create_run(experiment_id, start_time=now_ms + 60_000, run_name=plan.name, tags=stale_tags)
+    parent = client.create_run(experiment_id, start_time=now_ms, run_name=plan.name, tags=parent_tags)
     parent_id = parent.info.run_id
     client.log_artifact(parent_id, str(plan_file))
+    replicate_tag = "driftsweep.replicate" if layout == "brief" else "replicate"
 
     def child(name, axes, status, final, replicate, extra_tags=None):
-        tags = {"mlflow.parentRunId": parent_id, "driftsweep.trial_id": name,
-                "driftsweep.replicate": str(replicate), "driftsweep.seed": "7",
+        tags = {"mlflow.parentRunId": parent_id, "trial_id": name, replicate_tag: str(replicate), "seed": "7",
                 **{f"axis.{a}": v for a, v in axes.items()}, **(extra_tags or {})}
         run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         if final is not None:
@@ -335,67 +338,78 @@ def _write_sweep(root: Path) -> tuple[str, str, str]:
     child_id = None
     for (kernel, batch), values in VALUES.items():
         for rep, value in enumerate(values):
-            axes = {"kernel": kernel, "batch_size": batch}
             name = f"kernel={kernel},batch_size={batch},rep={rep}"
-            child_id = child(name, axes, RunStatus.FINISHED, value, rep)
+            child_id = child(name, {"kernel": kernel, "batch_size": batch}, RunStatus.FINISHED, value, rep)
     pruned_tags = {"pruned": "true"}
     child("pruned", {"kernel": "gaussian", "batch_size": "256"}, RunStatus.KILLED, -100.0, 2, pruned_tags)
     child("failed", {"kernel": "laplace", "batch_size": "64"}, RunStatus.FAILED, -50.0, 2)
     child("killed", {"kernel": "laplace", "batch_size": "256"}, RunStatus.KILLED, None, 3)
-    return uri, parent_id, child_id
+    return {"plan": plan_file, "parent": parent_id, "child": child_id}
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    uri, parent_id, child_id = _write_sweep(root)
-    return root, uri, parent_id, child_id
+def store(tmp_path_factory):
+    """One sqlite store (its migrations take ~10 s) holding a sweep in each layout."""
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    return uri, {layout: _write_sweep(client, root, layout) for layout in PLANS}
 
 
-@pytest.mark.slow  # the sqlite store's migrations take ~10 s once per module
-def test_load_results_reads_the_layout(sweep):
-    root, uri, parent_id, _ = sweep
-    parent, results = load_results(uri, parent_id)
-    assert parent.info.run_id == parent_id
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(PLANS))
+def test_load_results_reads_the_layout(store, layout):
+    uri, sweeps = store
+    parent, results = load_results(uri, sweeps[layout]["parent"])
+    assert parent.info.run_id == sweeps[layout]["parent"]
     by_name = {r.name: r for r in results}
     assert len(results) == 11
     trial = by_name["kernel=laplace,batch_size=256,rep=1"]
     assert trial.axes == {"kernel": "laplace", "batch_size": "256"}
     assert (trial.status, trial.final_value, trial.replicate) == ("completed", 5.0, 1)
-    assert trial.history == [(s, v) for s, v in _history(5.0)]
+    assert trial.history == _history(5.0)
     assert by_name["pruned"].status == "pruned"
     assert by_name["failed"].status == "failed" and by_name["killed"].status == "failed"
 
 
-@pytest.mark.slow  # the sqlite store's migrations take ~10 s once per module
-def test_plan_file_finds_the_latest_parent(sweep):
-    root, uri, parent_id, _ = sweep
-    parent, _ = load_results(uri, str(root / "plan.yaml"))
-    assert parent.info.run_id == parent_id
-
-
-@pytest.mark.slow  # the sqlite store's migrations take ~10 s once per module
-def test_bad_run_ids_give_one_line_errors(sweep, tmp_path):
-    _, uri, parent_id, child_id = sweep
-    with pytest.raises(ReportError, match="not found") as unknown:
-        load_results(uri, "0123456789abcdef0123456789abcdef")
-    assert "\n" not in str(unknown.value)
-    with pytest.raises(ReportError, match=parent_id):
-        load_results(uri, child_id)
-    with pytest.raises(ReportError, match="does not exist"):
-        load_results(uri, str(tmp_path / "missing.yaml"))
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(PLANS))
+def test_plan_file_finds_the_latest_sweep_of_that_content(store, layout):
+    uri, sweeps = store
+    parent, _ = load_results(uri, str(sweeps[layout]["plan"]))
+    assert parent.info.run_id == sweeps[layout]["parent"]
 
 
 @pytest.mark.slow
-def test_build_report_end_to_end(sweep, tmp_path):
+def test_bad_run_ids_give_one_line_errors(store, tmp_path):
+    uri, sweeps = store
+    with pytest.raises(ReportError, match="not found") as unknown:
+        load_results(uri, "0123456789abcdef0123456789abcdef")
+    assert "\n" not in str(unknown.value)
+    with pytest.raises(ReportError, match=sweeps["brief"]["parent"]):
+        load_results(uri, sweeps["brief"]["child"])
+    with pytest.raises(ReportError, match="does not exist"):
+        load_results(uri, str(tmp_path / "missing.yaml"))
+    other_plan = tmp_path / "never-run.yaml"
+    other_plan.write_text(PLANS["brief"].replace("brief-demo", "never-run"))
+    with pytest.raises(ReportError, match="no sweep of plan 'never-run'"):
+        load_results(uri, str(other_plan))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(PLANS))
+def test_build_report_end_to_end(store, layout, tmp_path):
     from mlflow import MlflowClient
 
-    _, uri, parent_id, _ = sweep
+    uri, sweeps = store
+    parent_id = sweeps[layout]["parent"]
     console = Console(record=True, width=200)
-    html_path = build_report(parent_id, tracking_uri=uri, out_dir=tmp_path / "out", attach=True,
-                             console=console)
+    html_path = build_report(str(sweeps[layout]["plan"]), tracking_uri=uri, out_dir=tmp_path / "out",
+                             attach=True, console=console)
     assert html_path == tmp_path / "out" / "report.html" and html_path.exists()
-    assert "kernel=gaussian,batch_size=256" in console.export_text()
+    assert "kernel=gaussian,batch_size=256" in console.export_text()  # best for min
 
     client = MlflowClient(uri)
     attached = {a.path for a in client.list_artifacts(parent_id, "report")}
