@@ -861,15 +861,18 @@ def parse_plan(text: str | bytes, source: str = "<string>") -> Plan:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise PlanError(f"{source}: (yaml): {problem} at {where}; fix the YAML syntax "
-                        "(plans are plain data: no !tags)".replace("\n", " ")) from None
+        raise PlanError(" ".join(f"{source}: (yaml): {problem} at {where}; fix the YAML syntax "
+                                 "(plans are plain data: no !tags)".split())) from None
+    except (ValueError, OverflowError, RecursionError) as exc:  # e.g. a date like 2024-02-30
+        raise PlanError(" ".join(f"{source}: (yaml): unreadable value ({exc}); quote it or fix it".split())) from None
     if not isinstance(data, dict):
         kind = "empty" if data is None else type(data).__name__
         raise PlanError(f"{source}: (top level): the plan is {kind}, not a mapping; "
                         "start with `name: ...`, `axes: ...` (see examples/quick.yaml)")
     bad_keys = [k for k in data if not isinstance(k, str)]
     if bad_keys:
-        raise PlanError(f"{source}: {bad_keys[0]!r}: keys must be strings; quote the key")
+        raise PlanError(f"{source}: (top level): key {bad_keys[0]!r} is not a string; use field names "
+                        f"such as name, axes (see `driftsweep plan schema`)")
     try:
         plan = Plan.model_validate(data)
         if not isinstance(plan.design, OptunaDesign):
