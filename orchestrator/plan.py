@@ -55,11 +55,12 @@ MAX_EXPANDED_TRIALS = 100_000
 SEED_SPACE = 2**32
 
 # Metrics the workload reports (workloads/train.py Evaluator + training window; alignment task:
-# paper §5.1 quantities). drift_rms/k{i} and tau/k{i} are per temperature index.
+# workloads.metrics.alignment_metrics, paper §5.1). drift_rms/k{i} and tau/k{i} are per temperature index.
 TRAIN_METRICS = ("loss", "grad_norm", "step_time_s", "samples_per_s", "lr", "swd", "mmd", "fd", "fid")
-ALIGNMENT_METRICS = ("rel_error", "abs_error", "cosine", "lambda_ratio", "lambda_star", "lambda_hat")
+ALIGNMENT_METRICS = ("rel_error", "abs_error", "cosine", "cosine_global", "lambda_ratio", "lambda_star",
+                     "lambda_hat", "precond_spread", "precond_gap")
 # Metrics where larger is better; every other metric is minimized unless objective.mode says otherwise.
-MAXIMIZED_METRICS = ("cosine", "samples_per_s")
+MAXIMIZED_METRICS = ("cosine", "cosine_global", "samples_per_s")
 _PER_TEMPERATURE_METRIC = re.compile(r"^(drift_rms|tau)/k\d+$")
 
 # MLflow store schemes accepted in tracking.uri (a driver suffix like postgresql+psycopg2 is allowed).
@@ -431,10 +432,7 @@ class Plan(_Strict):
             if self.replicates != 1:
                 raise PlanFieldError("replicates", f"optuna designs need replicates=1, got {self.replicates}",
                                      "the sampler proposes each configuration once; set replicates: 1 or use grid")
-            limit = self.budget.max_trials
-            if limit is not None and self.design.n_trials > limit:
-                raise PlanFieldError("design.n_trials", f"{self.design.n_trials} trials exceed "
-                                     f"budget.max_trials={limit}", "lower design.n_trials or raise budget.max_trials")
+            # n_trials > budget.max_trials is allowed: the budget stops the search (exit code 4).
         else:
             for path, axis in self.axes.items():
                 if isinstance(axis, RangeAxis) and axis.num is None and axis.step is None:
@@ -560,16 +558,16 @@ def axis_levels(plan: Plan, path: str) -> list[Any]:
 
 
 def count_trials(plan: Plan) -> int:
-    """Number of trials of a grid/ofat expansion (optuna: design.n_trials), without building them.
+    """Number of trials the plan runs at most, without building them.
 
     Args:
         plan: a validated plan.
 
     Returns:
-        The trial count (configurations x replicates).
+        The trial count (configurations x replicates; optuna: n_trials capped by budget.max_trials).
     """
     if isinstance(plan.design, OptunaDesign):
-        return plan.design.n_trials
+        return min(plan.design.n_trials, plan.budget.max_trials or plan.design.n_trials)
     sizes = [len(axis_levels(plan, path)) for path in plan.axes]
     configurations = math.prod(sizes) if isinstance(plan.design, GridDesign) else 1 + sum(n - 1 for n in sizes)
     return configurations * plan.replicates

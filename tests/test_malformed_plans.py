@@ -57,7 +57,7 @@ runner = CliRunner()
 
 
 def _dump(data: dict) -> bytes:
-    return yaml.safe_dump(data, sort_keys=False).encode()
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode()
 
 
 def _with(path: str, value) -> dict:

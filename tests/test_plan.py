@@ -268,6 +268,12 @@ def test_optuna_suggestions_become_valid_trials():
     assert again.seed == trials[0].seed and again.name == trials[0].name
 
 
+def test_optuna_budget_below_n_trials_caps_the_search():
+    plan = _plan(OPTUNA + "budget: {max_trials: 4}\n")  # n_trials: 6; the budget stops the search at 4
+    assert count_trials(plan) == 4
+    assert count_trials(_plan(OPTUNA)) == 6
+
+
 def test_optuna_rejects_replicates_and_missing_axes():
     with pytest.raises(PlanError, match=r"replicates: optuna designs need replicates=1"):
         _plan(OPTUNA + "replicates: 2\n")
