@@ -474,3 +474,24 @@ def test_namespace_enforces_the_restricted_pod_security_profile():
     (namespace,) = _by_kind(render_kustomization("gpu"), "Namespace")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
+
+
+def test_docs_and_smoke_script_create_the_secret_the_manifests_read():
+    refs = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for obj in render_kustomization("gpu") for _, pod in pod_specs(obj) for c in _containers(pod)
+            for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+    assert len(refs) == 1, refs  # one Secret to create by hand
+    ((secret, key),) = refs
+    for path in (REPO / "docs" / "kubernetes.md", REPO / "scripts" / "k8s-smoke.sh"):
+        text = path.read_text()
+        assert re.search(rf"create secret generic {secret}\s*(\\\s*)?--from-literal={key}=", text), path.name
+
+
+def test_smoke_script_is_valid_bash_and_runs_the_dev_overlay_and_the_quick_plan():
+    script = REPO / "scripts" / "k8s-smoke.sh"
+    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = script.read_text()
+    assert "apply -k manifests/overlays/dev" in text and (MANIFESTS / "overlays" / "dev").is_dir()
+    assert "PLAN:-examples/quick.yaml" in text and (REPO / "examples" / "quick.yaml").is_file()
+    assert "set -euo pipefail" in text
