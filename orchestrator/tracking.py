@@ -1,0 +1,322 @@
+"""MLflow tracking: one parent run per plan, one nested child run per trial, and the preflight.
+
+Run layout (fixed; tests and `driftsweep status/report` read it):
+- parent run (run name = plan name): params = plan-level settings (`plan.*`), artifacts = the plan
+  file and `trials.json` (the resolved trial list); tags `driftsweep.plan_hash`, `driftsweep.design`,
+  `driftsweep.version.<package>`, `driftsweep.git_commit`, and at the end `best_run_id`, `best_value`,
+  `best_trial`, `stopped_reason`.
+- child run per trial (run name = Trial.name, tag `mlflow.parentRunId` = parent): params = the trial's
+  resolved WorkloadConfig flattened with dotted keys plus `axis.<name>`; tags `trial_id`, `replicate`,
+  `seed`, `axis.<name>`, `ray_trial_id`, `node_id`, `fid_extractor`, `last_step`; metrics per step.
+  Status FINISHED / FAILED (tag `error`) / KILLED (tag `pruned`=true when pruned, `stopped_reason`
+  when a budget stopped it).
+
+Child runs are created INSIDE the trial process (works on multi-node clusters with a server URI) and
+looked up by (parent run id, `trial_id` tag) first, so a retried or restored trial reuses its run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from orchestrator.errors import TrackingUnreachableError
+
+PARENT_TAG = "mlflow.parentRunId"
+PLAN_HASH_TAG = "driftsweep.plan_hash"
+TRIAL_ID_TAG = "trial_id"
+LAST_STEP_TAG = "last_step"
+# MLflow 3 opens an experiment on its runs view (not the GenAI traces view) when this tag says so
+# (mlflow/server/js: experimentKind CUSTOM_MODEL_DEVELOPMENT; assistant/skills/mlflow-onboarding).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+VERSIONED_PACKAGES = ("driftsweep", "torch", "ray", "optuna", "mlflow")
+# MLflow log_batch limits per call (mlflow/utils/validation.py MAX_PARAMS_TAGS_PER_BATCH etc.).
+MAX_PARAMS_PER_BATCH = 100
+HEALTH_TIMEOUT_S = 5.0
+
+
+def ui_hint(tracking_uri: str) -> str:
+    """Where the user looks at the runs: the server address, or the `mlflow ui` command for a store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def preflight_tracking(tracking_uri: str, masked_uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+    """Check that the tracking store can be reached, in bounded time, before any trial starts.
+
+    Args:
+        tracking_uri: the real URI (may hold credentials).
+        masked_uri: the same URI with credentials masked, used in the message.
+        timeout_s: HTTP timeout in seconds.
+
+    Raises:
+        TrackingUnreachableError: the server does not answer /health, or the SQLite/file store's
+            directory is not writable; the message names the address and the fix.
+    """
+    scheme = urllib.parse.urlparse(tracking_uri).scheme
+    if scheme in ("http", "https"):
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                if response.status != 200:
+                    raise OSError(f"HTTP {response.status}")
+        except (OSError, urllib.error.URLError, socket.timeout) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnreachableError(
+                f"tracking.uri={masked_uri} is unreachable ({reason}); start the server "
+                "(`mlflow server --host 127.0.0.1 --port 5000 ...`) or fix tracking.uri in the plan"
+            ) from None
+        return
+    if scheme == "sqlite":
+        path = Path(tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") else "")
+        directory = path.parent if path.name else None
+    elif scheme in ("", "file"):
+        directory = Path(urllib.parse.urlparse(tracking_uri).path or tracking_uri)
+        directory = directory if directory.exists() else directory.parent
+    else:
+        # Database URIs (postgresql://, mysql://): a cheap call through MLflow's own client.
+        try:
+            MlflowClient(tracking_uri).search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - any driver error means "unreachable" here
+            raise TrackingUnreachableError(
+                f"tracking.uri={masked_uri} is unreachable ({type(exc).__name__}); check the database "
+                "address and credentials, or fix tracking.uri in the plan"
+            ) from None
+        return
+    if directory is None or not directory.is_dir() or not os.access(directory, os.W_OK):
+        raise TrackingUnreachableError(
+            f"tracking.uri={masked_uri}: directory {directory} does not exist or is not writable; "
+            "create it or point tracking.uri at a writable location"
+        )
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {dotted.key: str(value)} (lists kept as JSON so they stay readable).
+
+    Args:
+        mapping: nested mapping (e.g. WorkloadConfig.model_dump()).
+        prefix: key prefix.
+
+    Returns:
+        Flat mapping with string values, as MLflow params take.
+    """
+    flat: dict[str, str] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages a result depends on."""
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not-installed"
+    return versions
+
+
+def git_commit(directory: str | os.PathLike) -> str | None:
+    """The git commit of the code in `directory` (with `-dirty` when modified), or None."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(directory), "describe", "--always", "--dirty", "--abbrev=40"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit or None
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """Get or create the experiment; make MLflow 3 open it on its runs view.
+
+    Returns:
+        The experiment id.
+    """
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
+    """log_batch params in chunks of MLflow's per-call limit."""
+    items = [Param(key, value) for key, value in params.items()]
+    for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+
+
+def create_parent_run(
+    client: MlflowClient,
+    experiment_id: str,
+    run_name: str,
+    params: Mapping[str, str],
+    tags: Mapping[str, str],
+    artifacts: Iterable[Path],
+) -> str:
+    """Create the sweep's parent run with its params, tags and artifacts.
+
+    Returns:
+        The parent run id.
+    """
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    run_id = run.info.run_id
+    log_params(client, run_id, params)
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    return run_id
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    """All child runs of a parent (every status)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+            max_results=1000,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_child_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str):
+    """The child run of `trial_id` under `parent_run_id`, or None."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
+        max_results=2,
+    )
+    return found[0] if found else None
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """`Type: first line of the message`, truncated (an MLflow tag, a table cell)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:limit]
+
+
+class ChildRun:
+    """The child run of one trial, opened (or reopened) inside the trial process.
+
+    Args:
+        tracking_uri: MLflow tracking URI reachable from this node.
+        experiment_id: the sweep's experiment.
+        parent_run_id: the sweep's parent run.
+        trial_id: the plan's stable trial id (lookup key of the run).
+        run_name: Trial.name.
+        params: flattened trial config + axis params.
+        tags: trial tags (axes, replicate, seed, node id...).
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        trial_id: str,
+        run_name: str,
+        params: Mapping[str, str],
+        tags: Mapping[str, str],
+    ):
+        self.client = MlflowClient(tracking_uri)
+        existing = find_child_run(self.client, experiment_id, parent_run_id, trial_id)
+        all_tags = {PARENT_TAG: parent_run_id, TRIAL_ID_TAG: trial_id, **tags}
+        if existing is None:
+            run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+            self.run_id = run.info.run_id
+            log_params(self.client, self.run_id, params)
+            self.last_logged_step = -1
+            self.reused = False
+        else:
+            # A retried/restored trial: same run, back to RUNNING, stale outcome tags removed.
+            self.run_id = existing.info.run_id
+            self.last_logged_step = int(existing.data.tags.get(LAST_STEP_TAG, -1))
+            self.reused = True
+            self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            for stale in ("error", "pruned", "stopped_reason"):
+                if stale in existing.data.tags:
+                    self.client.delete_tag(self.run_id, stale)
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> bool:
+        """Log one evaluation's metrics at `step` (one log_batch call).
+
+        Steps at or below the last logged step are skipped, so a trial resumed from an older
+        checkpoint never writes a step twice.
+
+        Returns:
+            True when logged, False when skipped.
+        """
+        if step <= self.last_logged_step:
+            return False
+        timestamp_ms = int(time.time() * 1000)
+        batch = [Metric(key, float(value), timestamp_ms, step) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch, tags=[RunTag(LAST_STEP_TAG, str(step))])
+        self.last_logged_step = step
+        return True
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set several tags in one call."""
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def fail(self, message: str) -> None:
+        """End the run FAILED with the one-line error (tag `error`) and the last logged step
+        (tag `last_step`, 0 when it failed before its first evaluation)."""
+        self.set_tags({"error": message, LAST_STEP_TAG: str(max(self.last_logged_step, 0))})
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FAILED))
+
+    def finish(self) -> None:
+        """End the run FINISHED."""
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def end_child(
+    client: MlflowClient,
+    run_id: str,
+    status: str,
+    tags: Mapping[str, str] | None = None,
+) -> None:
+    """Driver side: set a child's final status and outcome tags (idempotent).
+
+    Args:
+        client: MLflow client.
+        run_id: child run id.
+        status: "FINISHED", "FAILED" or "KILLED".
+        tags: outcome tags (`pruned`, `error`, `stopped_reason`).
+    """
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    client.set_terminated(run_id, status)
+
+
+def is_finite(value: Any) -> bool:
+    """True for a real, finite number."""
+    return isinstance(value, (int, float)) and math.isfinite(value)

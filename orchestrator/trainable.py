@@ -1,0 +1,128 @@
+"""The per-trial function Ray Tune runs: one workload run, tracked in its own MLflow child run.
+
+Inside the trial process: resolve the plan Trial from the Tune config, open (or reopen, on a retry
+or a restore) the trial's MLflow child run, restore the workload checkpoint from Tune's last
+checkpoint, run the workload, and on every report log the metrics to MLflow and hand Tune the
+metrics plus a Checkpoint of the workload's latest.pt (so a retried/restored trial resumes).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from orchestrator.pruning import STEP_KEY
+from orchestrator.tracking import ChildRun, flatten, one_line
+
+TRIAL_INDEX_KEY = "trial_index"  # grid/ofat: Tune config = {"trial_index": i} into the trial list
+LATEST_NAME = "latest.pt"  # the workload's resume file (workloads.checkpoint)
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep shares (passed once through the object store).
+
+    Attributes:
+        plan: the validated Plan.
+        trials: grid/ofat: the expanded trial list; optuna: empty (trials come from the sampler).
+        tracking_uri: MLflow URI reachable from every node.
+        experiment_id: MLflow experiment id.
+        parent_run_id: the sweep's parent run.
+    """
+
+    plan: Any
+    trials: tuple
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def ray_trial_number(ray_trial_id: str) -> int:
+    """The running number Tune appends to trial ids (`abc12_00007` -> 7): stable across restores."""
+    return int(ray_trial_id.rsplit("_", 1)[-1])
+
+
+def resolve_trial(context: SweepContext, config: dict, ray_trial_id: str):
+    """The plan Trial a Tune config stands for.
+
+    Args:
+        context: the sweep context.
+        config: the Tune config ({"trial_index": i} or the sampled axis values).
+        ray_trial_id: Tune's trial id (optuna designs number their trials by it).
+
+    Returns:
+        The plan's Trial (index, trial_id, name, params, replicate, seed, config).
+    """
+    if TRIAL_INDEX_KEY in config:
+        return context.trials[int(config[TRIAL_INDEX_KEY])]
+    from orchestrator.plan import trial_from_params
+
+    return trial_from_params(context.plan, dict(config), ray_trial_number(ray_trial_id))
+
+
+def trial_params_and_tags(trial) -> tuple[dict[str, str], dict[str, str]]:
+    """MLflow params (full config, dotted keys, + `axis.<name>`) and tags of one trial."""
+    axes = {f"axis.{name}": str(value) for name, value in trial.params.items()}
+    params = {**flatten(trial.config.model_dump()), **axes}
+    tags = {**axes, "replicate": str(trial.replicate), "seed": str(trial.seed)}
+    return params, tags
+
+
+def run_trial(config: dict, context: SweepContext) -> None:
+    """Ray Tune function trainable: run one trial of the sweep.
+
+    Args:
+        config: the Tune config of this trial.
+        context: the sweep context (bound with tune.with_parameters).
+
+    Raises:
+        Exception: whatever the workload raised (NonFiniteLossError, ValueError...), after the
+            MLflow child run was ended FAILED with the one-line message; Tune retries or fails it.
+    """
+    from workloads.train import run_workload
+
+    tune_context = tune.get_context()
+    ray_trial_id = tune_context.get_trial_id()
+    trial = resolve_trial(context, config, ray_trial_id)
+    params, tags = trial_params_and_tags(trial)
+    tags.update(ray_trial_id=ray_trial_id, node_id=ray.get_runtime_context().get_node_id())
+    child = ChildRun(
+        context.tracking_uri, context.experiment_id, context.parent_run_id,
+        trial.trial_id, trial.name, params, tags,
+    )
+
+    # -- resume: the workload resumes from checkpoint_dir/latest.pt if it is there.
+    checkpoint_dir = Path(tempfile.mkdtemp(prefix="ds_ckpt_"))
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as restored_dir:
+            if (Path(restored_dir) / LATEST_NAME).exists():
+                shutil.copy2(Path(restored_dir) / LATEST_NAME, checkpoint_dir / LATEST_NAME)
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        child.log_metrics(step, metrics)
+        latest = checkpoint_dir / LATEST_NAME
+        # Hand Tune only latest.pt (not the ckpt-* history): Tune copies the directory to storage.
+        with tempfile.TemporaryDirectory(prefix="ds_stage_") as stage:
+            checkpoint = None
+            if latest.exists():
+                shutil.copy2(latest, Path(stage) / LATEST_NAME)
+                checkpoint = tune.Checkpoint.from_directory(stage)
+            tune.report({**metrics, STEP_KEY: step}, checkpoint=checkpoint)
+
+    try:
+        summary = run_workload(trial.config, report, checkpoint_dir=str(checkpoint_dir))
+    except Exception as exc:
+        child.fail(one_line(exc))
+        raise
+    finally:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if summary.get("fid_extractor"):
+        child.set_tags({"fid_extractor": summary["fid_extractor"]})
+    child.finish()

@@ -1,0 +1,121 @@
+"""Shared fixtures: Ray on loopback with a temporary RAY_TMPDIR, a temporary working directory,
+and a PostgreSQL-backed `mlflow server` on 127.0.0.1 (both started by the tests themselves).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+# Ray on loopback only (without this Ray binds all interfaces) with a short temporary session dir
+# (Ray's unix socket paths have a length limit). Set before any test imports/starts Ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt_", dir="/tmp"))
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+for _var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+    os.environ.pop(_var, None)
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+SERVER_START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path, monkeypatch) -> Path:
+    """Run the test in its own empty working directory (the embedded defaults write there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    """initdb/pg_ctl refuse to run as root: run them as the `postgres` system user then."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *args]
+    return args
+
+
+@pytest.fixture(scope="session")
+def postgres_uri():
+    """A private PostgreSQL 15 cluster in a temp dir (unix socket only), database `mlflow`.
+
+    Yields:
+        An SQLAlchemy URI `postgresql+psycopg2://postgres@/mlflow?host=<socket dir>&port=<port>`.
+    """
+    if not (PG_BIN / "initdb").exists():
+        pytest.fail(f"PostgreSQL 15 binaries not found in {PG_BIN}")
+    root = Path(tempfile.mkdtemp(prefix="pg_", dir="/tmp"))
+    data = root / "data"
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    port = free_port()
+    subprocess.run(_as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                                 "-E", "UTF8"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"), "-w", "start",
+                      "-o", f"-c listen_addresses='' -c unix_socket_directories={root} -p {port}"]),
+        check=True, capture_output=True,
+    )
+    try:
+        subprocess.run(_as_postgres([str(PG_BIN.parent / "bin" / "createdb"), "-h", str(root), "-p", str(port),
+                                     "-U", "postgres", "mlflow"]), check=True, capture_output=True)
+        yield f"postgresql+psycopg2://postgres@/mlflow?host={root}&port={port}"
+    finally:
+        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres_uri):
+    """`mlflow server` on 127.0.0.1 with the PostgreSQL backend store and served artifacts.
+
+    Yields:
+        The tracking URI http://127.0.0.1:<port>.
+    """
+    root = Path(tempfile.mkdtemp(prefix="mlfs_", dir="/tmp"))
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(root / "server.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", postgres_uri, "--serve-artifacts",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
