@@ -91,10 +91,10 @@ def submission_name(plan_name: str, plan_text: str) -> str:
 def _cluster_plan_text(plan_text: str, source: str, tracking_uri: str) -> str:
     """Rewrite a plan for the cluster (tracking.uri, cluster.address, cluster.storage_path) and revalidate."""
     data = yaml.safe_load(plan_text)
-    data.setdefault("tracking", {})["uri"] = tracking_uri
-    cluster = data.setdefault("cluster", {})
-    cluster["address"] = "auto"  # the Ray job driver runs on the head: join that cluster
-    cluster["storage_path"] = SHARED_STORAGE_PATH
+    data["tracking"] = {**(data.get("tracking") or {}), "uri": tracking_uri}
+    data["cluster"] = {**(data.get("cluster") or {}),
+                       "address": "auto",  # the Ray job driver runs on the head: join that cluster
+                       "storage_path": SHARED_STORAGE_PATH}
     header = (f"# Rendered by driftsweep for Kubernetes from {Path(source).name}: tracking.uri, "
               "cluster.address and cluster.storage_path point at the cluster.\n")
     text = header + yaml.safe_dump(data, sort_keys=False)
@@ -284,6 +284,11 @@ def _api_error(exc: Any, action: str) -> K8sError:
     return K8sError(f"Kubernetes API error {exc.status} ({action}): {message}")
 
 
+def _kuberay_missing(api: _Api, kind: str) -> K8sError:
+    return K8sError(f"KubeRay is not installed (no {RAY_GROUP}/{RAY_VERSION} {kind} resource type on {api.host}); "
+                    f"{_KUBERAY_FIX}")
+
+
 def _is_missing_resource_type(exc: Any) -> bool:
     """True when a 404 means the resource type is unknown (CRD not installed), not a missing object.
 
@@ -302,8 +307,7 @@ def _get_ray_cluster(api: _Api, namespace: str) -> dict[str, Any]:
                      RAY_GROUP, RAY_VERSION, namespace, "rayclusters", RAY_CLUSTER_NAME)
     except ApiException as exc:
         if _is_missing_resource_type(exc):
-            raise K8sError(f"KubeRay is not installed (no {RAY_GROUP}/{RAY_VERSION} RayCluster resource type on "
-                           f"{api.host}); {_KUBERAY_FIX}") from None
+            raise _kuberay_missing(api, "RayCluster") from None
         if exc.status == 404:
             raise K8sError(f"RayCluster {RAY_CLUSTER_NAME} not found in namespace {namespace}; "
                            f"{_STACK_FIX}") from None
@@ -350,8 +354,7 @@ def _create_ray_job(api: _Api, body: dict[str, Any], namespace: str) -> dict[str
                      RAY_GROUP, RAY_VERSION, namespace, "rayjobs", body)
     except ApiException as exc:
         if _is_missing_resource_type(exc):
-            raise K8sError(f"KubeRay is not installed (no {RAY_GROUP}/{RAY_VERSION} RayJob resource type on "
-                           f"{api.host}); {_KUBERAY_FIX}") from None
+            raise _kuberay_missing(api, "RayJob") from None
         if exc.status != 409:
             raise _api_error(exc, action) from None
     existing = _call(api, f"read RayJob {name}", namespace, api.custom.get_namespaced_custom_object,
@@ -416,7 +419,7 @@ def _get_ray_job(api: _Api, name: str, namespace: str) -> dict[str, Any]:
                      RAY_GROUP, RAY_VERSION, namespace, "rayjobs", name)
     except ApiException as exc:
         if _is_missing_resource_type(exc):
-            raise K8sError(f"KubeRay is not installed (no RayJob resource type on {api.host}); {_KUBERAY_FIX}") from None
+            raise _kuberay_missing(api, "RayJob") from None
         if exc.status == 404:
             raise K8sError(f"RayJob {name} not found in namespace {namespace}; list them with "
                            f"kubectl -n {namespace} get rayjobs") from None

@@ -286,7 +286,7 @@ def standin(tmp_path, monkeypatch):
     }
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.standin = server  # type: ignore[attr-defined]
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     kubeconfig = _write_kubeconfig(tmp_path / "kubeconfig", {
         "standin": f"http://127.0.0.1:{httpd.server_address[1]}",

@@ -195,7 +195,8 @@ def test_closed_crd_schema_rejects_unknown_fields_the_raw_schema_accepts():
 
 def test_closed_schema_keeps_preserve_unknown_fields_open_and_maps_nullable():
     schema = closed_schema({"type": "object", "properties": {
-        "open": {"type": "object", "properties": {"a": {"type": "string"}}, "x-kubernetes-preserve-unknown-fields": True},
+        "open": {"type": "object", "properties": {"a": {"type": "string"}},
+                 "x-kubernetes-preserve-unknown-fields": True},
         "shut": {"type": "object", "properties": {"a": {"type": "string", "nullable": True}}}}})
     validator = jsonschema.Draft7Validator(schema)
     assert validator.is_valid({"open": {"a": "x", "extra": 1}, "shut": {"a": None}})
@@ -236,7 +237,8 @@ def test_every_manifest_file_is_valid(path: Path):
     else:
         validate_object(doc)
         stem = path.name.split(".")[0]
-        assert stem.endswith(FILE_SUFFIX[doc["kind"]]), f"{path.name}: name a {doc['kind']} file *{FILE_SUFFIX[doc['kind']]}.yaml"
+        suffix = FILE_SUFFIX[doc["kind"]]
+        assert stem.endswith(suffix), f"{path.name}: name a {doc['kind']} file *{suffix}.yaml"
 
 
 def test_base_resources_are_all_listed_in_the_kustomization():
