@@ -247,7 +247,8 @@ def test_normalization_gives_unit_rms_per_temperature_and_stats_report_raw_rms()
     for single in singles:
         assert float(single.square().sum(1).div(dim).mean().sqrt()) == pytest.approx(1.0, rel=1e-12)
     torch.testing.assert_close(total, sum(singles))
-    raw_rms = [float(drift_field(x, pos, temperatures=[t], normalize=False).square().mean().sqrt()) for t in taus]
+    raw = [drift_field(x, pos, temperatures=[t], normalize=False) for t in taus]
+    raw_rms = [float(v.square().mean().sqrt()) for v in raw]
     assert stats["drift_rms"] == pytest.approx(raw_rms, rel=1e-12)
 
 
@@ -293,7 +294,9 @@ def test_sinkhorn_drift_matches_pot_plan(self_mask):
     a = torch.from_numpy(plan) * n  # rows sum to 1
     a_pos, a_neg = a[:, :n_pos], a[:, n_pos:]
     expected = (a_pos * a_neg.sum(1, keepdim=True)) @ pos - (a_neg * a_pos.sum(1, keepdim=True)) @ neg
-    got = drift_field(x, pos, neg, kernel="sinkhorn", temperatures=[tau], normalize=False, sinkhorn_iters=3000)
+    got = drift_field(
+        x, pos, neg, kernel="sinkhorn", temperatures=[tau], normalize=False, sinkhorn_iters=3000
+    )
     torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
     # Few iterations give a different (unconverged) plan: the iteration count is honoured.
     early = drift_field(x, pos, neg, kernel="sinkhorn", temperatures=[tau], normalize=False, sinkhorn_iters=1)

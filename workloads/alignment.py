@@ -81,7 +81,8 @@ def make_alignment_pair(dataset: str, dim: int, seed: int) -> AlignmentPair:
         ValueError: unknown dataset or dim < 2.
     """
     if dataset not in ALIGNMENT_DATASETS:
-        raise ValueError(f"alignment.dataset={dataset!r} is not allowed; allowed: {', '.join(ALIGNMENT_DATASETS)}")
+        allowed = ", ".join(ALIGNMENT_DATASETS)
+        raise ValueError(f"alignment.dataset={dataset!r} is not allowed; allowed: {allowed}")
     if dim < 2:
         raise ValueError(f"alignment.dim={dim} must be >= 2")
     gen = torch.Generator().manual_seed(seed)
