@@ -166,10 +166,13 @@ def _run(plan_path: Path, resume: bool) -> None:
     console.print_json(data=resolved)
     storage = resolved["cluster"]["storage_path"]
     if "://" not in storage:  # remote storage (s3://, gs://): the runner records the plan there
-        out = Path(storage) / plan.name
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RESOLVED_PLAN_FILE).write_text(json.dumps(resolved, indent=2))
-        console.print(f"resolved plan saved to {out / RESOLVED_PLAN_FILE}", highlight=False)
+        saved = Path(storage) / plan.name / RESOLVED_PLAN_FILE
+        if saved.exists():  # the sweep's own record: a resume or a refused re-run must not rewrite it
+            console.print(f"resolved plan of this sweep kept at {saved}", highlight=False)
+        else:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(resolved, indent=2))
+            console.print(f"resolved plan saved to {saved}", highlight=False)
     from orchestrator.runner import run_sweep
 
     summary = run_sweep(plan, plan_path, resume=resume, console=console)

@@ -217,6 +217,15 @@ def test_run_saves_resolved_plan_and_calls_runner(small_plan, tmp_path, monkeypa
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db --host 127.0.0.1" in result.stdout
 
 
+def test_resolved_plan_of_an_existing_sweep_is_kept(small_plan, tmp_path, monkeypatch, fake_runner):
+    monkeypatch.chdir(tmp_path)
+    saved = tmp_path / "ray_results/small/resolved_plan.json"
+    saved.parent.mkdir(parents=True)
+    saved.write_text('{"original": true}')
+    assert runner.invoke(app, ["resume", str(small_plan)]).exit_code == 0
+    assert saved.read_text() == '{"original": true}'
+
+
 def test_resolved_plan_masks_credentials(small_plan, tmp_path, monkeypatch, fake_runner):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://mlflow:hunter2@db:5432/mlflow")
