@@ -337,6 +337,13 @@ def test_mlflow_accepts_the_host_headers_of_its_service_and_port_forward(name: s
     assert not is_allowed_host_header(allowed, "evil.example.com:5000")
 
 
+def test_mlflow_job_runners_are_off_so_the_server_fits_its_memory_limit():
+    for name in OVERLAYS:
+        deployment = _one(render_kustomization(name), "Deployment", "mlflow")
+        env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_probes_on_every_long_running_container(name: str):
     for workload in [o for o in render_kustomization(name) if o["kind"] in ("Deployment", "StatefulSet")]:
