@@ -289,7 +289,8 @@ def param_importances(
 
     Args:
         results: completed trials with finite values.
-        axes: axis names; each becomes a categorical parameter.
+        axes: axis names; an axis whose levels are all numbers becomes a float parameter over
+            [min, max] (optuna ranges), any other a categorical one.
         mode: "min" or "max" (the study direction).
 
     Returns:
@@ -303,20 +304,25 @@ def param_importances(
     ]
     if len(results) < 2 or not varying:
         return None
-    distributions = {
-        a: optuna.distributions.CategoricalDistribution(
-            sorted({r.axes[a] for r in results}, key=level_sort_key)
-        )
-        for a in varying
-    }
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
+    distributions, to_param = {}, {}
+    for axis in varying:
+        levels = sorted({r.axes[axis] for r in results}, key=level_sort_key)
+        if all(level_sort_key(level)[0] == 0 for level in levels):  # all plain numbers
+            numbers = [float(level) for level in levels]
+            distributions[axis] = optuna.distributions.FloatDistribution(min(numbers), max(numbers))
+            to_param[axis] = float
+        else:
+            distributions[axis] = optuna.distributions.CategoricalDistribution(levels)
+            to_param[axis] = str
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line in the report output
+    try:
+        study = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     for r in results:
-        study.add_trial(
-            optuna.trial.create_trial(
-                params={a: r.axes[a] for a in varying}, distributions=distributions, value=r.final_value
-            )
-        )
+        params = {axis: to_param[axis](r.axes[axis]) for axis in varying}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=r.final_value))
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
     return {axis: float(value) for axis, value in importances.items()}

@@ -199,6 +199,19 @@ def test_optuna_importances_rank_the_axis_that_matters():
     assert summarize(results, AXES, "swd", "min", design="grid").importances is None
 
 
+def test_optuna_importances_with_a_numeric_range_axis():
+    # An optuna range axis: every trial has its own lr. The value is a parabola in log10(lr) with
+    # an amplitude ~1, kernel only adds 0.05: lr must dominate.
+    rng = np.random.default_rng(1)
+    results = []
+    for i in range(30):
+        lr, kernel = 10 ** rng.uniform(-4, -2), ("laplace", "gaussian")[i % 2]
+        value = (np.log10(lr) + 3) ** 2 + (0.05 if kernel == "gaussian" else 0.0) + 0.01 * rng.normal()
+        results.append(TrialResult(f"t{i}", {"optim.lr": repr(lr), "kernel": kernel}, "completed", value))
+    importances = summarize(results, ["optim.lr", "kernel"], "swd", "min", design="optuna").importances
+    assert importances["optim.lr"] > 0.9
+
+
 def test_mean_curve_over_runs():
     steps, mean, std = plots._mean_curve([[(0, 1.0), (10, 2.0)], [(0, 3.0)]])
     assert steps.tolist() == [0, 10]
