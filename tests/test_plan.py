@@ -315,6 +315,12 @@ def test_objective_must_be_reported_by_the_task():
                  ).objective.direction == "max"
 
 
+def test_integer_field_range_needs_integer_bounds_and_step():
+    for rng in ("{low: 64, high: 512, step: 0.5}", "{low: 64.5, high: 512}"):
+        with pytest.raises(PlanError, match=r"axes\.batch_size(\.low)?: .*integer"):
+            _plan(f"name: a\naxes: {{batch_size: {rng}}}\ndesign: {{type: optuna, n_trials: 3}}")
+
+
 def test_unknown_axis_suggests_close_names():
     with pytest.raises(PlanError, match=r"axes\.optim\.lrr: unknown workload field 'optim\.lrr'; did you mean optim\.lr"):
         _plan("name: a\naxes: {optim.lrr: [0.1]}")
