@@ -265,10 +265,7 @@ def report(
     console.print(f"report: {html}", highlight=False)
 
 
-try:  # Kubernetes commands (submit, logs, k8s render|status|logs) live in their own module.
-    from orchestrator.k8s_cli import register as _register_k8s
-except ImportError as _exc:  # only while orchestrator/k8s_cli.py is not written yet
-    if getattr(_exc, "name", None) != "orchestrator.k8s_cli":
-        raise
-else:
-    _register_k8s(app)
+# Kubernetes commands (submit, logs, k8s render|status|logs) live in their own module.
+from orchestrator.k8s_cli import register as _register_k8s  # noqa: E402 - registers onto `app` above
+
+_register_k8s(app)
