@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 # Ray on loopback only (without this Ray binds all interfaces) with a short temporary session dir
 # (Ray's unix socket paths have a length limit). Set before any test imports/starts Ray.
@@ -23,6 +24,18 @@ os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt_", dir="/tmp"))
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 for _var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
     os.environ.pop(_var, None)
+
+# A 2-D toy workload small enough for 2 CPU cores: 50 steps, an evaluation every 10 steps.
+TINY_WORKLOAD = {
+    "data": {"name": "ring_mog"},
+    "batch_size": 64,
+    "generator": {"hidden_dim": 32, "num_layers": 2},
+    "total_steps": 50,
+    "eval_every_steps": 10,
+    "eval": {"num_samples": 200, "swd_projections": 50},
+    "device": "cpu",
+}
+EVAL_STEPS = [10, 20, 30, 40, 50]
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SERVER_START_TIMEOUT_S = 120
@@ -40,6 +53,24 @@ def tmp_cwd(tmp_path, monkeypatch) -> Path:
     """Run the test in its own empty working directory (the embedded defaults write there)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def write_plan(tmp_cwd):
+    """Write a plan YAML into the test's working directory (tiny workload unless overridden).
+
+    Returns:
+        write(name, axes, **sections) -> Path of the plan file.
+    """
+
+    def write(name: str, axes: dict, **sections) -> Path:
+        plan = {"name": name, "seed": 7, "workload": dict(TINY_WORKLOAD), "axes": axes,
+                "resources": {"cpus_per_trial": 1, "max_concurrent": 2}, **sections}
+        path = tmp_cwd / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(plan))
+        return path
+
+    return write
 
 
 def _as_postgres(args: list[str]) -> list[str]:

@@ -6,44 +6,22 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import DriftsweepError
 from orchestrator.plan import expand_trials, load_plan, resolve_tracking_uri
 from orchestrator.runner import run_sweep, sweep_status
 from orchestrator.tracking import flatten
-
-# A 2-D toy workload small enough for 2 CPU cores: 50 steps, an evaluation every 10 steps.
-TINY_WORKLOAD = {
-    "data": {"name": "ring_mog"},
-    "batch_size": 64,
-    "generator": {"hidden_dim": 32, "num_layers": 2},
-    "total_steps": 50,
-    "eval_every_steps": 10,
-    "eval": {"num_samples": 200, "swd_projections": 50},
-    "device": "cpu",
-}
-EVAL_STEPS = [10, 20, 30, 40, 50]
-
-
-def write_plan(directory: Path, name: str, axes: dict, **sections) -> Path:
-    """Write a plan YAML (tiny workload unless overridden) and return its path."""
-    plan = {"name": name, "seed": 7, "workload": dict(TINY_WORKLOAD), "axes": axes,
-            "resources": {"cpus_per_trial": 1, "max_concurrent": 2}, **sections}
-    path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(plan))
-    return path
-
+from conftest import EVAL_STEPS, TINY_WORKLOAD
 
 def children_of(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
     return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
 @pytest.mark.slow
-def test_quick_plan_end_to_end_embedded_default(tmp_cwd):
+def test_quick_plan_end_to_end_embedded_default(tmp_cwd, write_plan):
     """1 parent + 4 nested children with the trial's params/tags and per-step metrics."""
-    path = write_plan(tmp_cwd, "quick-e2e", {"kernel": ["laplace", "gaussian"], "anneal_rate": [0.0, 3.0]})
+    path = write_plan("quick-e2e", {"kernel": ["laplace", "gaussian"], "anneal_rate": [0.0, 3.0]})
     plan = load_plan(path)
     summary = run_sweep(plan, path)
 
@@ -107,9 +85,9 @@ def test_quick_plan_end_to_end_embedded_default(tmp_cwd):
 
 
 @pytest.mark.slow
-def test_failing_trial_recorded_failed_others_finish(tmp_cwd):
+def test_failing_trial_recorded_failed_others_finish(write_plan):
     """A trial whose loss turns non-finite is retried, then FAILED with its error; one child run only."""
-    path = write_plan(tmp_cwd, "nan-trial", {"optim.lr": [1e-3, 1e30]},
+    path = write_plan("nan-trial", {"optim.lr": [1e-3, 1e30]},
                       failure={"max_retries": 1}, workload={**TINY_WORKLOAD, "optim": {"grad_clip": None}})
     plan = load_plan(path)
     summary = run_sweep(plan, path)
