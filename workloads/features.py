@@ -132,8 +132,10 @@ def _train_digits_encoder(progress: bool) -> tuple[DigitsEncoder, dict]:
     split = torch.randperm(len(images), generator=torch.Generator().manual_seed(ENCODER_SEED))
     val_index, train_index = split[:ENCODER_NUM_VAL], split[ENCODER_NUM_VAL:]
     order_generator = torch.Generator().manual_seed(ENCODER_SEED + 1)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_deterministic, num_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    # One thread: the order of CPU reductions, hence the weights, do not depend on the core count.
+    torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ENCODER_SEED)
@@ -160,6 +162,7 @@ def _train_digits_encoder(progress: bool) -> tuple[DigitsEncoder, dict]:
             val_accuracy = (encoder(images[val_index]).argmax(1) == labels[val_index]).float().mean()
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(num_threads)
     meta = {
         "version": DIGITS_ENCODER_VERSION,
         "val_accuracy": float(val_accuracy),
