@@ -26,10 +26,12 @@ Statistics (stated once, used everywhere):
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import html
 import json
 import math
+import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -64,6 +66,7 @@ AXIS_TAG_PREFIX = "axis."
 PLAN_ARTIFACT = "plan.yaml"
 REPORT_ARTIFACT_DIR = "report"
 TOP_CONFIGS = 10  # rows of the best-configurations table
+MLFLOW_PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # mlflow.environment_variables
 
 
 class ReportError(DriftsweepError, ValueError):
@@ -322,7 +325,8 @@ def param_importances(
         optuna.logging.set_verbosity(verbosity)
     for r in results:
         params = {axis: to_param[axis](r.axes[axis]) for axis in varying}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=r.final_value))
+        trial = optuna.trial.create_trial(params=params, distributions=distributions, value=r.final_value)
+        study.add_trial(trial)
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
     return {axis: float(value) for axis, value in importances.items()}
@@ -425,6 +429,20 @@ def _find_parent(client, tracking_uri: str, plan_or_run_id: str):
     return run
 
 
+@contextlib.contextmanager
+def _no_progress_bar():
+    """MLflow draws a tqdm bar per artifact download unless this variable (read per call) is false."""
+    previous = os.environ.get(MLFLOW_PROGRESS_BAR_ENV)
+    os.environ[MLFLOW_PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[MLFLOW_PROGRESS_BAR_ENV]
+        else:
+            os.environ[MLFLOW_PROGRESS_BAR_ENV] = previous
+
+
 def _parent_plan(client, parent) -> dict:
     """The plan file logged on the parent run (plan.yaml, else the first root .yaml), parsed; {} if none."""
     run_id = parent.info.run_id
@@ -432,7 +450,7 @@ def _parent_plan(client, parent) -> dict:
     if not names:
         return {}
     name = PLAN_ARTIFACT if PLAN_ARTIFACT in names else names[0]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
         plan = yaml.safe_load(Path(client.download_artifacts(run_id, name, tmp)).read_text())
     return plan if isinstance(plan, dict) else {}
 
@@ -582,11 +600,14 @@ def report_table(summary: AblationSummary) -> Table:
         A rich Table (print it with rich.console.Console().print).
     """
     effects = _tables(summary)[0]
+    # std and the effect's CI stay in the files: without them the table fits 80 columns.
+    keep = [i for i, h in enumerate(effects.headers) if h != "std" and not h.startswith("effect ")]
     table = Table(title=effects.title)
-    for header in effects.headers:
+    for i in keep:
+        header = effects.headers[i]
         table.add_column(header, justify="left" if header in ("axis", "level") else "right")
     for row in effects.rows:
-        table.add_row(*row)
+        table.add_row(*(row[i] for i in keep))
     counts = ", ".join(f"{k} {v}" for k, v in summary.counts.items())
     caption = f"best: {summary.best.label} ({summary.metric} {_fmt(summary.best.stats.mean)}) | {counts}"
     if summary.importances:
