@@ -152,12 +152,11 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
     summary, resumed_reports = _run(config, checkpoint_dir=str(resumed_dir))
     assert summary["resumed_from"] == 10 and [s for s, _ in resumed_reports] == [15, 20]
 
-    straight = torch.load(straight_dir / "latest.pt", weights_only=False)
-    resumed = torch.load(resumed_dir / "latest.pt", weights_only=False)
+    straight = torch.load(straight_dir / "latest.pt", weights_only=True)
+    resumed = torch.load(resumed_dir / "latest.pt", weights_only=True)
     assert straight["step"] == resumed["step"] == 20
-    for part in ("model",):
-        for name, value in straight[part].items():
-            assert torch.equal(value, resumed[part][name]), name
+    for name, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
     for name, value in straight["ema"]["model"].items():
         assert torch.equal(value, resumed["ema"]["model"][name]), name
     for key, state in straight["optimizer"]["state"].items():

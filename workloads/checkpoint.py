@@ -85,6 +85,5 @@ def load_latest(checkpoint_dir: str | os.PathLike | None) -> dict | None:
     path = Path(checkpoint_dir) / LATEST_NAME
     if not path.exists():
         return None
-    # weights_only=False: the state holds RNG states and plain Python metrics next to tensors;
-    # the file is one this project wrote itself.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only: the state is tensors, numbers, strings and containers; nothing to unpickle.
+    return torch.load(path, map_location="cpu", weights_only=True)
