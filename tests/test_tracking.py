@@ -1,0 +1,94 @@
+"""MLflow tracking pieces and the preflight: unreachable tracking/Ray addresses and impossible
+resource requests fail with one line before anything is started or recorded."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from conftest import free_port
+from orchestrator.errors import ClusterUnreachableError, TrackingUnreachableError
+from orchestrator.plan import load_plan
+from orchestrator.runner import experiment_dir_of, run_sweep
+from orchestrator.tracking import ChildRun, ensure_experiment, flatten, preflight_tracking
+
+
+def _assert_nothing_recorded(directory, plan) -> None:
+    assert not (directory / "mlflow.db").exists()
+    assert not experiment_dir_of(plan).exists()
+    assert not ray.is_initialized()
+
+
+def test_unreachable_tracking_server_fails_before_anything(write_plan, tmp_cwd):
+    port = free_port()
+    path = write_plan("no-mlflow", {"kernel": ["laplace"]}, tracking={"uri": f"http://127.0.0.1:{port}"})
+    plan = load_plan(path)
+    started = time.monotonic()
+    with pytest.raises(TrackingUnreachableError) as info:
+        run_sweep(plan, path)
+    message = str(info.value)
+    assert f"127.0.0.1:{port}" in message and "mlflow server" in message and "\n" not in message
+    assert time.monotonic() - started < 15
+    _assert_nothing_recorded(tmp_cwd, plan)
+
+
+def test_unreachable_ray_address_fails_before_anything(write_plan, tmp_cwd):
+    port = free_port()
+    path = write_plan("no-ray", {"kernel": ["laplace"]}, cluster={"address": f"127.0.0.1:{port}"})
+    plan = load_plan(path)
+    with pytest.raises(ClusterUnreachableError) as info:
+        run_sweep(plan, path)
+    message = str(info.value)
+    assert message.startswith(f"cluster.address=127.0.0.1:{port} is unreachable") and "\n" not in message
+    _assert_nothing_recorded(tmp_cwd, plan)
+
+
+def test_more_gpus_than_any_node_fails_fast_with_numbers(write_plan, tmp_cwd):
+    path = write_plan("too-many-gpus", {"kernel": ["laplace"]},
+                      resources={"cpus_per_trial": 1, "gpus_per_trial": 2, "max_concurrent": 1})
+    plan = load_plan(path)
+    with pytest.raises(ClusterUnreachableError, match=r"resources.gpus_per_trial=2 but .* offers 0 GPUs"):
+        run_sweep(plan, path)
+    _assert_nothing_recorded(tmp_cwd, plan)
+
+
+def test_sqlite_store_in_missing_directory_is_reported(tmp_path):
+    with pytest.raises(TrackingUnreachableError, match="not writable|does not exist"):
+        preflight_tracking(f"sqlite:///{tmp_path}/missing/mlflow.db", "sqlite:///.../mlflow.db")
+    preflight_tracking(f"sqlite:///{tmp_path}/mlflow.db", "ok")  # writable: no error
+
+
+def test_flatten_uses_dotted_keys_and_json_lists():
+    assert flatten({"a": 1, "b": {"c": [0.02, 0.05], "d": {"e": None}}}) == {
+        "a": "1", "b.c": "[0.02, 0.05]", "b.d.e": "None",
+    }
+
+
+def test_child_run_is_reused_and_never_logs_a_step_twice(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, "reuse")
+    parent = client.create_run(experiment_id, run_name="parent").info.run_id
+    args = (uri, experiment_id, parent, "t0003", "kernel=gaussian", {"kernel": "gaussian"}, {"axis.kernel": "gaussian"})
+
+    first = ChildRun(*args)
+    assert first.log_metrics(10, {"swd": 1.0}) and first.log_metrics(20, {"swd": 0.9})
+    first.fail("NonFiniteLossError: step 25: loss is not finite")
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["last_step"] == "20"
+
+    # A retry (same parent, same trial id) reopens the same run, RUNNING again, stale error removed.
+    retry = ChildRun(*args)
+    assert retry.run_id == first.run_id and retry.reused
+    run = client.get_run(retry.run_id)
+    assert run.info.status == "RUNNING" and "error" not in run.data.tags
+    assert not retry.log_metrics(20, {"swd": 0.95})  # resumed from an older checkpoint: skipped
+    assert retry.log_metrics(30, {"swd": 0.8})
+    retry.finish()
+    history = client.get_metric_history(retry.run_id, "swd")
+    assert sorted((m.step, m.value) for m in history) == [(10, 1.0), (20, 0.9), (30, 0.8)]
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
