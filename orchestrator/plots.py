@@ -1,7 +1,7 @@
 """Report figures (PNG, matplotlib Agg canvas; no pyplot, so no global backend state is touched).
 
-- metric vs step per level of each axis: mean curve over the completed trials at that level (the
-  other axes and replicates pooled), band = +/- 1 sample std where 2+ trials logged that step;
+- metric vs step per level of each axis: mean curve over the trials the level pools (see
+  `orchestrator.report`), band = +/- 1 sample std where 2+ trials logged that step;
 - main effects per axis: bars = level mean - grand mean, error bars = half-width of the level's
   Student-t CI (none when n = 1), as computed by `orchestrator.report.summarize`;
 - Laplace vs Gaussian: for each configuration of the other axes where both kernels completed, paired
@@ -64,22 +64,21 @@ def plot_metric_vs_step(summary: AblationSummary, results: Sequence[TrialResult]
 
     Args:
         summary: gives the axes, their levels and the metric name.
-        results: trials; only usable (completed, finite) ones with a history are drawn.
+        results: trials; the ones each level pools (`AblationSummary.level_trials`) are drawn.
         path: output PNG.
 
     Returns:
         path.
     """
-    usable = [r for r in results if r.usable and r.history]
     figure, panels = _panels(len(summary.axes))
-    all_values = [v for r in usable for _, v in r.history]
+    all_values = [v for r in results if r.usable for _, v in r.history]
     log_y = bool(all_values) and min(all_values) > 0 and max(all_values) / min(all_values) > LOG_SCALE_RATIO
     for axis, panel in zip(summary.axes, panels, strict=True):
-        for level in summary.levels[axis]:
-            steps, mean, std = _mean_curve([r.history for r in usable if r.axes.get(axis) == level.level])
+        for level, trials in summary.level_trials(results, axis).items():
+            steps, mean, std = _mean_curve([r.history for r in trials if r.history])
             if steps.size == 0:
                 continue
-            (line,) = panel.plot(steps, mean, label=f"{level.level} (n={level.stats.n})")
+            (line,) = panel.plot(steps, mean, label=f"{level} (n={len(trials)})")
             panel.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
         panel.set(title=axis, xlabel="step", ylabel=summary.metric)
         if log_y:

@@ -12,10 +12,13 @@ Statistics (stated once, used everywhere):
 - Only completed trials with a finite value enter the means; pruned, failed and running trials are
   counted separately (a pruned trial stopped early, so its last value is not comparable).
 - Level mean: mean of the values of every completed trial at that level, pooled over replicates and
-  over the levels of the other axes.
+  over the levels of the other axes. One-factor-at-a-time (ofat) designs are not balanced: there a
+  level pools only the trials whose other axes sit at the baseline (each axis's most frequent level
+  among the configurations, which is the baseline level in an ofat expansion), so that a level is
+  never mixed with the other axes' variations.
 - Main effect of a level = level mean - grand mean, the grand mean being the mean over all completed
   trials (the effects model tau_i = ybar_i - ybar, Montgomery, *Design and Analysis of Experiments*,
-  §5.3; exact for a balanced grid, confounded with the other axes for unbalanced designs).
+  §5.3; exact for a balanced grid, approximate for optuna designs whose levels are not balanced).
 - Confidence interval of a mean (Student t, NIST/SEMATECH e-Handbook §7.2.2.1):
   mean +/- t_{(1+c)/2, n-1} * s / sqrt(n), with s the sample standard deviation (ddof = 1). It treats
   the pooled trials as independent draws; variation from the other axes widens it. With n = 1 there
@@ -33,7 +36,7 @@ import json
 import math
 import os
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,11 +159,47 @@ class AblationSummary:
     counts: dict[str, int]  # per status, plus "no_metric" (completed without a finite value)
     importances: dict[str, float] | None
     design: str = "grid"
+    baseline: dict[str, str] = field(default_factory=dict)  # ofat only: axis -> baseline level
 
     @property
     def best(self) -> ConfigStats:
         """The configuration with the best mean over its replicates."""
         return self.configs[0]
+
+    def level_trials(self, results: Sequence[TrialResult], axis: str) -> dict[str, list[TrialResult]]:
+        """The usable trials each level of `axis` pools (the populations of the level statistics)."""
+        return _group_by_level(results, axis, self.baseline)
+
+
+def _group_by_level(
+    results: Sequence[TrialResult], axis: str, baseline: Mapping[str, str]
+) -> dict[str, list[TrialResult]]:
+    """Usable trials per level of `axis`, levels in natural order.
+
+    A trial without this axis tag cannot be placed at a level: it is left out of this axis only.
+    With a baseline (ofat), only trials whose other axes are at their baseline level count.
+    """
+    groups: dict[str, list[TrialResult]] = defaultdict(list)
+    for r in results:
+        at_baseline = all(r.axes.get(other) == level for other, level in baseline.items() if other != axis)
+        if r.usable and axis in r.axes and at_baseline:
+            groups[r.axes[axis]].append(r)
+    return {level: groups[level] for level in sorted(groups, key=level_sort_key)}
+
+
+def ofat_baseline(results: Sequence[TrialResult], axes: Sequence[str]) -> dict[str, str]:
+    """Each axis's most frequent level over the distinct configurations (ties: first in natural order).
+
+    In a one-factor-at-a-time expansion every configuration but those varying axis A has A at its
+    baseline, so this recovers the baseline from the trials alone.
+    """
+    configs = {tuple(r.axes.get(axis) for axis in axes) for r in results}
+    baseline = {}
+    for i, axis in enumerate(axes):
+        counts = Counter(config[i] for config in configs if config[i] is not None)
+        if counts:
+            baseline[axis] = min(counts, key=lambda level: (-counts[level], level_sort_key(level)))
+    return baseline
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> MeanStats:
@@ -223,7 +262,8 @@ def summarize(
         metric: objective metric name (for display).
         mode: "min" if lower is better, "max" otherwise.
         confidence: CI coverage, in (0, 1).
-        design: plan design type; "optuna" adds fANOVA parameter importances.
+        design: plan design type; "optuna" adds fANOVA parameter importances, "ofat" restricts
+            each axis's levels to trials with the other axes at the baseline.
 
     Returns:
         AblationSummary.
@@ -245,17 +285,13 @@ def summarize(
             f"({', '.join(f'{k}={v}' for k, v in counts.items())}); nothing to summarize"
         )
     grand_mean = float(np.mean([r.final_value for r in usable]))
+    baseline = ofat_baseline(results, axes) if design == "ofat" else {}  # all statuses: robust to failures
 
     levels: dict[str, list[LevelStats]] = {}
     for axis in axes:
-        # A trial without this axis tag cannot be placed at a level: it is left out of this axis only.
-        by_level: dict[str, list[float]] = defaultdict(list)
-        for r in usable:
-            if axis in r.axes:
-                by_level[r.axes[axis]].append(r.final_value)
         levels[axis] = []
-        for level in sorted(by_level, key=level_sort_key):
-            level_stats = mean_ci(by_level[level], confidence)
+        for level, trials in _group_by_level(usable, axis, baseline).items():
+            level_stats = mean_ci([r.final_value for r in trials], confidence)
             levels[axis].append(LevelStats(axis, level, level_stats, level_stats.mean - grand_mean))
 
     by_config: dict[tuple[tuple[str, str], ...], list[float]] = defaultdict(list)
@@ -278,6 +314,7 @@ def summarize(
         counts=counts,
         importances=importances,
         design=design,
+        baseline=baseline,
     )
 
 
@@ -625,7 +662,14 @@ def _intro(summary: AblationSummary) -> list[str]:
         f"{summary.best.stats.n} replicate(s), {summary.confidence:.0%} CI {_fmt_ci(summary.best.stats)}.",
         "Means pool replicates and the other axes' levels; CIs are Student-t intervals of the mean "
         "(n/a with a single trial); pruned and failed trials are counted, not averaged.",
-    ]
+    ] + (
+        [
+            "One factor at a time: each axis's levels pool only the trials with the other axes at the "
+            "baseline " + ",".join(f"{a}={v}" for a, v in summary.baseline.items()) + "."
+        ]
+        if summary.baseline
+        else []
+    )
 
 
 def render_markdown(summary: AblationSummary, figures: Mapping[str, Path], path: Path, title: str) -> Path:

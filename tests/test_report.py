@@ -168,6 +168,34 @@ def test_single_trial_level_has_no_ci():
     assert row.count("n/a") == 3  # std, CI, effect CI
 
 
+def test_ofat_levels_pool_only_trials_at_the_baseline(tmp_path):
+    # Baseline laplace/[0.05]; one axis varied at a time, two replicates each.
+    ofat = {
+        ("laplace", "[0.05]"): [1.0, 1.2],  # baseline
+        ("gaussian", "[0.05]"): [2.0, 2.2],
+        ("laplace", "[0.2]"): [10.0, 10.2],
+    }
+    results = [
+        TrialResult(f"{k},{t},{rep}", {"kernel": k, "temperatures": t}, "completed", v, _history(v), rep)
+        for (k, t), values in ofat.items()
+        for rep, v in enumerate(values)
+    ]
+    summary = summarize(results, ["kernel", "temperatures"], "swd", "min", design="ofat")
+    assert summary.baseline == {"kernel": "laplace", "temperatures": "[0.05]"}
+    means = {(lv.axis, lv.level): (lv.stats.n, lv.stats.mean) for a in summary.axes for lv in summary.levels[a]}
+    # kernel=laplace holds the baseline only, not the temperature=[0.2] trials (mean would be 5.6).
+    assert means == {
+        ("kernel", "gaussian"): (2, pytest.approx(2.1)),
+        ("kernel", "laplace"): (2, pytest.approx(1.1)),
+        ("temperatures", "[0.05]"): (2, pytest.approx(1.1)),
+        ("temperatures", "[0.2]"): (2, pytest.approx(10.1)),
+    }
+    assert summary.grand_mean == pytest.approx((1.0 + 1.2 + 2.0 + 2.2 + 10.0 + 10.2) / 6)
+    assert summary.level_trials(results, "kernel")["laplace"] == results[:2]
+    assert summarize(results, ["kernel", "temperatures"], "swd", "min").levels["kernel"][1].stats.n == 4  # grid
+    assert "baseline kernel=laplace,temperatures=[0.05]" in _markdown(summary)
+
+
 def test_bad_arguments_and_nothing_completed():
     with pytest.raises(ReportError, match="mode"):
         summarize(fake_results(), AXES, "swd", "minimize")
