@@ -192,6 +192,13 @@ def ofat_baseline(results: Sequence[TrialResult], axes: Sequence[str]) -> dict[s
 
     In a one-factor-at-a-time expansion every configuration but those varying axis A has A at its
     baseline, so this recovers the baseline from the trials alone.
+
+    Args:
+        results: trials of any status (a failed baseline trial still names the baseline).
+        axes: axis names.
+
+    Returns:
+        axis -> baseline level (axes no trial carries are left out).
     """
     configs = {tuple(r.axes.get(axis) for axis in axes) for r in results}
     baseline = {}
@@ -231,7 +238,14 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> MeanStats:
 
 
 def level_sort_key(level: str) -> tuple:
-    """Order levels naturally: numbers by value, then numeric lists ("[0.02, 0.05]"), then text."""
+    """Sort key ordering levels naturally: numbers by value, then numeric lists ("[0.02, 0.05]"), then text.
+
+    Args:
+        level: a level as stored in an `axis.<name>` tag.
+
+    Returns:
+        A tuple comparable across all levels.
+    """
     try:
         return (0, float(level), level)
     except ValueError:
@@ -737,7 +751,15 @@ def render_html(summary: AblationSummary, figures: Mapping[str, Path], path: Pat
 
 
 def write_effects_csv(summary: AblationSummary, path: Path) -> Path:
-    """Write the main-effects table as CSV (the table artifact MLflow previews)."""
+    """Write the main-effects table as CSV (the table artifact MLflow previews).
+
+    Args:
+        summary: from `summarize`.
+        path: output .csv file.
+
+    Returns:
+        path.
+    """
     effects = _tables(summary)[0]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
