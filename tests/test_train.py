@@ -50,7 +50,7 @@ def test_toy_training_lowers_swd(dataset, kernel):
     initial = _run(config.model_copy(update={"total_steps": 1, "eval_every_steps": 1}))[0]["final"]["swd"]
     summary, reports = _run(config)
     final = summary["final"]["swd"]
-    # Measured with 150 steps: final/initial between 0.13 and 0.30 over the 8 cases (initial
+    # Measured (200 steps): final/initial between 0.10 and 0.23 over the 8 cases (initial
     # 0.65-1.39; the 1000-sample evaluation's own floor is ~0.05). Half the initial SWD leaves
     # room for machine noise but fails if the drift does not pull samples onto the data.
     assert final < 0.5 * initial, (dataset, kernel, initial, final)
@@ -102,7 +102,7 @@ def test_digits_encoder_feature_space_training_lowers_fid(tmp_path):
     )
     initial = _run(config.model_copy(update={"total_steps": 1, "eval_every_steps": 1}))[0]["final"]["fid"]
     final = _run(config)[0]["final"]["fid"]
-    # Multi-scale encoder features (90 kernels per step); 40 steps must already halve the FID.
+    # Multi-scale encoder features (90 kernels per step). Measured: 1825 -> 321 in 40 steps.
     assert final < 0.5 * initial, (initial, final)
 
 

@@ -96,11 +96,14 @@ def feature_stats(
         (mu, sigma) from workloads.metrics.gaussian_stats.
     """
     batches = samples.split(EXTRACT_BATCH_SIZE)
-    features = [extractor(b).float().cpu() for b in tqdm(batches, desc="FID features", disable=not progress, leave=False)]
+    bar = tqdm(batches, desc="FID features", disable=not progress, leave=False)
+    features = [extractor(batch).float().cpu() for batch in bar]
     return gaussian_stats(torch.cat(features))
 
 
-def fid_from_stats(fake: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], extractor: Extractor) -> float:
+def fid_from_stats(
+    fake: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], extractor: Extractor
+) -> float:
     """FID of generated samples against precomputed reference statistics (computed once per run).
 
     Args:

@@ -100,7 +100,8 @@ def build_generator(config: WorkloadConfig) -> nn.Module:
         name = "conv" if config.is_image else "mlp"
     if name == "conv" and len(sample_shape) != 3:
         raise ValueError(
-            f"generator.name='conv' needs image data, got per-sample shape {sample_shape}; use 'mlp' or 'auto'"
+            f"generator.name='conv' needs image data, got per-sample shape {sample_shape}; "
+            "use 'mlp' or 'auto'"
         )
     return GENERATORS[name](config, sample_shape)
 

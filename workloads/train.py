@@ -58,7 +58,9 @@ def resolve_device(requested: str) -> torch.device:
         ValueError: device='cuda' on a machine without CUDA.
     """
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but CUDA is not available here; use device='cpu' or 'auto'")
+        raise ValueError(
+            "device='cuda' was requested but CUDA is not available here; use device='cpu' or 'auto'"
+        )
     return torch.device("cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
@@ -124,6 +126,12 @@ def _drift_loss(
     return loss, drift_rms
 
 
+def _empty_sums(num_temperatures: int) -> dict[str, Any]:
+    """Running sums since the last evaluation (means are reported): loss, grad_norm, step_time_s
+    (seconds), drift_rms per temperature."""
+    return {"loss": 0.0, "grad_norm": 0.0, "step_time_s": 0.0, "drift_rms": [0.0] * num_temperatures}
+
+
 def _check_finite(value: torch.Tensor, step: int, quantity: str) -> None:
     if not torch.isfinite(value).all():
         raise NonFiniteLossError(
@@ -179,8 +187,7 @@ def train(
     evaluator = _Evaluator(config, dataset, seeds["eval"], progress)
     pos_batch_size = config.pos_batch_size or config.batch_size
     checkpoint_every_steps = config.checkpoint_every_steps or config.eval_every_steps
-    # Running sums since the last evaluation: loss, grad_norm, step_time_s, drift_rms per temperature.
-    sums = {"loss": 0.0, "grad_norm": 0.0, "step_time_s": 0.0, "drift_rms": [0.0] * len(config.temperatures)}
+    sums = _empty_sums(len(config.temperatures))
     steps_in_window = 0
     start_step, final = 0, {}
 
@@ -197,7 +204,8 @@ def train(
             ema.load_state_dict(state["ema"])
         noise_generator.set_state(state["rng"]["noise"])
         data_generator.set_state(state["rng"]["data"])
-        start_step, sums, steps_in_window, final = state["step"], state["sums"], state["steps_in_window"], state["final"]
+        start_step, sums, final = state["step"], state["sums"], state["final"]
+        steps_in_window = state["steps_in_window"]
 
     bar = tqdm(total=config.total_steps, initial=start_step, desc="train", disable=not progress)
     for step in range(start_step + 1, config.total_steps + 1):
@@ -244,7 +252,7 @@ def train(
                 metrics[f"drift_rms/k{i}"] = rms_sum / steps_in_window
                 metrics[f"tau/k{i}"] = tau
             final = metrics
-            sums = {"loss": 0.0, "grad_norm": 0.0, "step_time_s": 0.0, "drift_rms": [0.0] * len(taus)}
+            sums = _empty_sums(len(taus))
             steps_in_window = 0
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "swd", "fid")})
         if checkpoint_dir is not None and (step % checkpoint_every_steps == 0 or step == config.total_steps):
