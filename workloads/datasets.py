@@ -17,6 +17,7 @@ Images (finite, sampled without replacement within a batch, pixels scaled to [-1
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -35,7 +36,7 @@ SAMPLE_SHAPES: dict[str, tuple[int, ...]] = {
 }
 
 
-class Dataset:
+class Dataset(ABC):
     """A sampler of training data on CPU.
 
     Attributes:
@@ -50,6 +51,7 @@ class Dataset:
     is_image: bool = False
     size: int | None = None
 
+    @abstractmethod
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Draw a batch.
 
@@ -60,7 +62,6 @@ class Dataset:
         Returns:
             float32 tensor of shape (n, *shape) on CPU.
         """
-        raise NotImplementedError
 
 
 class ToyDataset(Dataset):
