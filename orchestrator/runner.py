@@ -50,7 +50,7 @@ from orchestrator.pruning import (
     PrunableOptunaSearch,
     build_optuna_pruner,
 )
-from orchestrator.trainable import TRIAL_INDEX_KEY, SweepContext, resolve_trial, run_trial
+from orchestrator.trainable import TRIAL_INDEX_KEY, SweepContext, run_trial, sampled_trial_name
 from orchestrator.tracking import (
     PLAN_HASH_TAG,
     child_runs,
@@ -431,7 +431,7 @@ def _tuner(plan, context: SweepContext, trials: list, experiment_dir: Path, call
     gpu_stopper = None
     if plan.budget.max_gpu_hours and plan.resources.gpus_per_trial:
         gpu_stopper = GpuHoursStopper(plan.budget.max_gpu_hours, plan.resources.gpus_per_trial)
-    name_of = (lambda t: trials[t.config[TRIAL_INDEX_KEY]].name) if trials else None
+    name_of = (lambda t: trials[t.config[TRIAL_INDEX_KEY]].name) if trials else sampled_trial_name
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,

@@ -21,6 +21,7 @@ from orchestrator.pruning import STEP_KEY
 from orchestrator.tracking import ChildRun, flatten, one_line
 
 TRIAL_INDEX_KEY = "trial_index"  # grid/ofat: Tune config = {"trial_index": i} into the trial list
+SAMPLED_PREFIX = "sampled-"  # optuna: Tune trial names "sampled-0007" carry the trial number
 LATEST_NAME = "latest.pt"  # the workload's resume file (workloads.checkpoint)
 
 
@@ -43,18 +44,20 @@ class SweepContext:
     parent_run_id: str
 
 
-def ray_trial_number(ray_trial_id: str) -> int:
-    """The running number Tune appends to trial ids (`abc12_00007` -> 7): stable across restores."""
-    return int(ray_trial_id.rsplit("_", 1)[-1])
+def sampled_trial_name(tune_trial) -> str:
+    """Tune trial_name_creator for optuna designs: "sampled-0007" from Tune's trial counter
+    (SearchGenerator tags trials "8_kernel=..." counting from 1; plan trial numbers count from 0),
+    kept in Tune's state so it is stable across restores."""
+    return f"{SAMPLED_PREFIX}{int(tune_trial.experiment_tag.split('_', 1)[0]) - 1:04d}"
 
 
-def resolve_trial(context: SweepContext, config: dict, ray_trial_id: str):
+def resolve_trial(context: SweepContext, config: dict, tune_trial_name: str):
     """The plan Trial a Tune config stands for.
 
     Args:
         context: the sweep context.
         config: the Tune config ({"trial_index": i} or the sampled axis values).
-        ray_trial_id: Tune's trial id (optuna designs number their trials by it).
+        tune_trial_name: Tune's trial name (optuna designs: sampled_trial_name, holding the number).
 
     Returns:
         The plan's Trial (index, trial_id, name, params, replicate, seed, config).
@@ -63,7 +66,7 @@ def resolve_trial(context: SweepContext, config: dict, ray_trial_id: str):
         return context.trials[int(config[TRIAL_INDEX_KEY])]
     from orchestrator.plan import trial_from_params
 
-    return trial_from_params(context.plan, dict(config), ray_trial_number(ray_trial_id))
+    return trial_from_params(context.plan, dict(config), int(tune_trial_name.removeprefix(SAMPLED_PREFIX)))
 
 
 def trial_params_and_tags(trial) -> tuple[dict[str, str], dict[str, str]]:
@@ -89,7 +92,7 @@ def run_trial(config: dict, context: SweepContext) -> None:
 
     tune_context = tune.get_context()
     ray_trial_id = tune_context.get_trial_id()
-    trial = resolve_trial(context, config, ray_trial_id)
+    trial = resolve_trial(context, config, tune_context.get_trial_name())
     params, tags = trial_params_and_tags(trial)
     tags.update(ray_trial_id=ray_trial_id, node_id=ray.get_runtime_context().get_node_id())
     child = ChildRun(

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +107,88 @@ def test_failing_trial_recorded_failed_others_finish(write_plan):
     assert failed.data.tags["error"].startswith("NonFiniteLossError")
     assert "last_step" in failed.data.tags
     assert (summary.n_completed, summary.n_failed) == (1, 1)
+
+
+@pytest.mark.slow
+def test_optuna_design_runs_sampled_trials(write_plan):
+    """design optuna: OptunaSearch proposes n_trials; each is a child run named by the plan."""
+    path = write_plan("optuna-e2e", {"kernel": ["laplace", "gaussian"], "anneal_rate": {"low": 0.0, "high": 5.0}},
+                      design={"type": "optuna", "sampler": "random", "n_trials": 3, "seed": 1})
+    plan = load_plan(path)
+    summary = run_sweep(plan, path)
+    client = MlflowClient(resolve_tracking_uri(plan))
+    experiment = client.get_experiment_by_name("optuna-e2e")
+    children = children_of(client, experiment.experiment_id, summary.parent_run_id)
+    assert len(children) == 3 and summary.n_completed == 3
+    assert sorted(c.data.tags["trial_id"] for c in children) == ["t0000", "t0001", "t0002"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["axis.kernel"] in ("laplace", "gaussian")
+        assert 0.0 <= float(child.data.params["axis.anneal_rate"]) <= 5.0
+        assert child.data.params["anneal_rate"] == child.data.params["axis.anneal_rate"]
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "swd")) == EVAL_STEPS
+
+
+@pytest.mark.slow
+def test_wall_time_budget_stops_cleanly_and_records_why(write_plan):
+    path = write_plan("budget-stop", {"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]},
+                      budget={"max_wall_time_s": 20}, resources={"cpus_per_trial": 1, "max_concurrent": 1},
+                      workload={**TINY_WORKLOAD, "total_steps": 400, "eval_every_steps": 100})
+    plan = load_plan(path)
+    summary = run_sweep(plan, path)
+    assert summary.stopped_reason == "budget.max_wall_time_s=20 reached"
+    client = MlflowClient(resolve_tracking_uri(plan))
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.data.tags["stopped_reason"] == summary.stopped_reason
+    children = children_of(client, parent.info.experiment_id, parent.info.run_id)
+    assert summary.n_completed < 4 and all(c.info.status != "RUNNING" for c in children)
+
+
+@pytest.mark.slow
+def test_driver_killed_then_resume_reuses_runs_and_skips_finished_trials(write_plan, tmp_cwd):
+    """SIGKILL the driver mid-sweep; `resume` finishes it with the same parent and child runs."""
+    path = write_plan("resume-kill", {"kernel": ["laplace", "gaussian"], "anneal_rate": [0.0, 3.0]},
+                      resources={"cpus_per_trial": 1, "max_concurrent": 1},
+                      workload={**TINY_WORKLOAD, "total_steps": 100, "eval_every_steps": 20})
+    plan = load_plan(path)
+    script = ("import sys; from orchestrator.plan import load_plan; from orchestrator.runner import run_sweep; "
+              "run_sweep(load_plan(sys.argv[1]), sys.argv[1])")
+    # Own session: the driver and the local Ray it starts are killed together, as by a node loss.
+    driver = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=tmp_cwd, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(resolve_tracking_uri(plan))
+    deadline = time.monotonic() + 300
+    before = {}
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(1)
+            experiment = client.get_experiment_by_name("resume-kill") if (tmp_cwd / "mlflow.db").exists() else None
+            if experiment is None:
+                continue
+            runs = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+            finished = [r for r in runs if r.info.status == "FINISHED"]
+            running = [r for r in runs if r.info.status == "RUNNING" and int(r.data.tags.get("last_step", 0)) >= 20]
+            if finished and running:
+                before = {r.data.tags["trial_id"]: r for r in runs}
+                break
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert before, "the sweep never reached the state to interrupt"
+    experiment = client.get_experiment_by_name("resume-kill")
+
+    summary = run_sweep(plan, path, resume=True)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+    children = children_of(client, experiment.experiment_id, summary.parent_run_id)
+    assert len(children) == 4 and summary.n_completed == 4
+    for child in children:
+        assert child.info.status == "FINISHED", child.data.tags.get("error")
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "swd")]
+        assert sorted(steps) == [20, 40, 60, 80, 100]  # each step once: resumed, not re-logged
+        old = before.get(child.data.tags["trial_id"])
+        if old is not None:
+            assert old.info.run_id == child.info.run_id  # reused, not duplicated
+            if old.info.status == "FINISHED":
+                assert old.info.end_time == child.info.end_time  # not re-run
