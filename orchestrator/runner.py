@@ -302,7 +302,7 @@ class SweepCallback(Callback):
         self._live = None
         self._started = time.monotonic()
         self._last_refresh = 0.0
-        self._best: tuple[float, dict] | None = None
+        self._best: tuple[float, str] | None = None  # (objective value, trial label)
         self._stopped_early: set[str] = set()
 
     def __getstate__(self):
@@ -334,7 +334,9 @@ class SweepCallback(Callback):
         if is_finite(value):
             better = self._best is None or (value < self._best[0] if self.mode == "min" else value > self._best[0])
             if better:
-                self._best = (value, dict(trial.config))
+                # grid/ofat trial names say what differs; sampled trials also show their parameters.
+                label = str(trial) if TRIAL_INDEX_KEY in trial.config else f"{trial} {dict(trial.config)}"
+                self._best = (value, label)
         self._refresh(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -367,19 +369,18 @@ class SweepCallback(Callback):
         if self._live is None or (not force and now - self._last_refresh < PROGRESS_REFRESH_S):
             return
         self._last_refresh = now
-        from rich.table import Table
+        from rich.console import Group
+        from rich.text import Text
 
         counts = _count(trials, self._stopped_early)
-        table = Table.grid(padding=(0, 2))
-        table.add_row(
-            f"trials {counts['done']}/{self.n_total} done",
-            f"running {counts['running']}", f"pruned {counts['pruned']}", f"failed {counts['failed']}",
-            f"elapsed {now - self._started:.0f}s",
-        )
+        lines = [Text(
+            f"trials {counts['done']}/{self.n_total} done, {counts['running']} running, {counts['pruned']} pruned, "
+            f"{counts['failed']} failed; elapsed {now - self._started:.0f} s"
+        )]
         if self._best is not None:
-            table.add_row(f"best {self.metric}={self._best[0]:.4g}", str(self._best[1]), "", "", "")
-        table.add_row(f"MLflow: {self.ui}", "", "", "", "")
-        self._live.update(table)
+            lines.append(Text(f"best {self.metric}={self._best[0]:.4g}: {self._best[1]}"))
+        lines.append(Text(f"MLflow: {self.ui}"))
+        self._live.update(Group(*lines))
 
 
 def _count(trials, stopped_early: set[str]) -> dict[str, int]:
@@ -598,6 +599,14 @@ def _reconcile(client: MlflowClient, experiment_id: str, parent_run_id: str, tri
             end_child(client, run.info.run_id, status, tags)
 
 
+def _tag_value(text: str):
+    """An axis tag back to its value: numbers and sets are JSON ("0.0", "[0.02, 0.05]"), names are text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def _summary_from_runs(plan, client: MlflowClient, experiment_id: str, parent_run_id: str, n_total: int,
                        masked_uri: str) -> SweepSummary:
     """Counts and the best completed trial, read from the MLflow child runs."""
@@ -620,7 +629,7 @@ def _summary_from_runs(plan, client: MlflowClient, experiment_id: str, parent_ru
                 best_value = value
                 summary.best = {
                     "trial": run.info.run_name,
-                    "params": {k.removeprefix("axis."): v for k, v in tags.items() if k.startswith("axis.")},
+                    "params": {k.removeprefix("axis."): _tag_value(v) for k, v in tags.items() if k.startswith("axis.")},
                     "metric": metric,
                     "value": value,
                     "run_id": run.info.run_id,
