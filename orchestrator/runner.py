@@ -78,9 +78,10 @@ SAMPLERS = {
     "gp": optuna.samplers.GPSampler,
     "random": optuna.samplers.RandomSampler,
 }
-# The console the progress display draws on; set by run_sweep for the length of one fit (the Tune
-# callback is pickled into Tune's experiment state, so it cannot hold the console itself).
-_DISPLAY: dict[str, Any] = {"console": None}
+# What the driver-side callback needs but must not hold: the console of the progress display and the
+# tracking URI (which may carry credentials). Set by run_sweep for the length of one fit; the Tune
+# callback is pickled into Tune's experiment state on disk (tuner.pkl), so it keeps neither.
+_ACTIVE: dict[str, Any] = {"console": None, "tracking_uri": None}
 
 
 @dataclass
@@ -99,6 +100,8 @@ class SweepSummary:
         experiment_name: the MLflow experiment.
         stopped_reason: why a budget stopped the sweep early, or None.
         message: a one-line note for the user (e.g. "already finished: nothing to resume").
+        ui: where to look at the runs (server address, or the `mlflow ui` command for a local store).
+        extras: measurements of this call, e.g. {"elapsed_s": wall seconds of the Tune fit}.
     """
 
     n_total: int
@@ -290,14 +293,13 @@ class SweepCallback(Callback):
     Args:
         n_total: trials the sweep will run.
         metric: objective metric; mode: "min"/"max".
-        tracking_uri, experiment_id, parent_run_id: where the child runs live.
-        ui: the MLflow UI address shown in the display.
+        experiment_id, parent_run_id: where the child runs live (the URI comes from _ACTIVE).
+        ui: the MLflow UI address shown in the display (credentials masked).
     """
 
-    def __init__(self, n_total: int, metric: str, mode: str, tracking_uri: str,
-                 experiment_id: str, parent_run_id: str, ui: str):
+    def __init__(self, n_total: int, metric: str, mode: str, experiment_id: str, parent_run_id: str, ui: str):
         self.n_total, self.metric, self.mode = n_total, metric, mode
-        self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         self.ui = ui
         self._live = None
         self._started = time.monotonic()
@@ -312,7 +314,7 @@ class SweepCallback(Callback):
 
     def setup(self, **info):
         self._started = time.monotonic()
-        console = _DISPLAY["console"]
+        console = _ACTIVE["console"]
         if console is not None:
             from rich.live import Live
 
@@ -320,7 +322,7 @@ class SweepCallback(Callback):
             self._live.start()
 
     def _child(self, trial: TuneTrial):
-        client = MlflowClient(self.tracking_uri)
+        client = MlflowClient(_ACTIVE["tracking_uri"])
         found = client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
@@ -441,6 +443,9 @@ def _tuner(plan, context: SweepContext, trials: list, experiment_dir: Path, call
             mode=plan.objective.direction if scheduler is None and search_alg is None else None,
             num_samples=num_samples,
             max_concurrent_trials=plan.resources.max_concurrent,
+            # Reuse trial actors: a fresh actor costs seconds of imports (torch, mlflow) and MLflow
+            # client start-up per trial (benchmarks/bench_overhead.py).
+            reuse_actors=True,
             search_alg=search_alg,
             scheduler=scheduler,
             time_budget_s=plan.budget.max_wall_time_s,
@@ -515,16 +520,16 @@ def run_sweep(plan, plan_path: str | os.PathLike, *, resume: bool = False, conso
         # -- 3. Tune.
         ui = ui_hint(masked_uri)
         context = SweepContext(plan, tuple(trials), tracking_uri, experiment_id, parent_run_id)
-        callback = SweepCallback(n_total, plan.objective.metric, plan.objective.direction, tracking_uri,
-                                 experiment_id, parent_run_id, ui)
+        callback = SweepCallback(n_total, plan.objective.metric, plan.objective.direction, experiment_id,
+                                 parent_run_id, ui)
         tuner, pruning, gpu_stopper = _tuner(plan, context, trials, experiment_dir, callback, resume)
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         started = time.monotonic()
-        _DISPLAY["console"] = console
+        _ACTIVE.update(console=console, tracking_uri=tracking_uri)
         try:
             tuner.fit()
         finally:
-            _DISPLAY["console"] = None
+            _ACTIVE.update(console=None, tracking_uri=None)
         elapsed_s = time.monotonic() - started
 
         # -- 4. reconcile MLflow with Tune's final states; best child; finished flag.

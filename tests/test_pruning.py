@@ -134,3 +134,19 @@ def test_real_workload_sweep_prunes_the_stalled_trial(tmp_cwd):
     )
     study = optuna.load_study(study_name="driftsweep-pruning", storage=storage)
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE", "PRUNED"]
+
+
+def test_asha_plan_uses_rays_scheduler_alone(tmp_path):
+    """pruning.type asha: Ray's ASHAScheduler on the workload step decides; no Optuna bridge."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestrator.plan import parse_plan
+    from orchestrator.runner import _search_and_scheduler
+
+    plan = parse_plan(yaml.safe_dump({
+        "name": "asha", "workload": dict(TINY_WORKLOAD), "axes": {"kernel": ["laplace", "gaussian"]},
+        "pruning": {"type": "asha", "grace_period": 10, "reduction_factor": 2},
+    }))
+    _, _, _, scheduler, bridge = _search_and_scheduler(plan, [object(), object()], tmp_path)
+    assert isinstance(scheduler, ASHAScheduler) and bridge is None
+    assert scheduler._time_attr == "step" and scheduler._max_t == TINY_WORKLOAD["total_steps"]

@@ -92,3 +92,13 @@ def test_child_run_is_reused_and_never_logs_a_step_twice(tmp_path):
     assert sorted((m.step, m.value) for m in history) == [(10, 1.0), (20, 0.9), (30, 0.8)]
     children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert len(children) == 1 and children[0].info.status == "FINISHED"
+
+
+def test_gpu_hours_stopper_sums_gpus_times_trial_seconds():
+    from orchestrator.budget import GpuHoursStopper
+
+    stopper = GpuHoursStopper(max_gpu_hours=1.0, gpus_per_trial=0.5)
+    assert not stopper("a", {"time_total_s": 3600.0})  # 0.5 GPU-h
+    assert not stopper("a", {"time_total_s": 5400.0})  # same trial later: 0.75 GPU-h, not 0.5 + 0.75
+    assert stopper("b", {"time_total_s": 1800.0})  # 0.75 + 0.25 = 1.0 GPU-h: spent
+    assert stopper.stop_all()
