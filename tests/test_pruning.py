@@ -48,32 +48,34 @@ def expected_pruned(levels_in_run_order: list[float], n_startup: int) -> list[bo
     return pruned
 
 
-@pytest.fixture
-def local_ray(tmp_cwd):
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """One local Ray for the fake-trainable tests of this module; yields a storage directory."""
     # Ray workers cannot import this test module: ship the fake trainable by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield tmp_cwd
+    yield tmp_path_factory.mktemp("tune")
     ray.shutdown()
 
 
-def _fit(local_ray, param_space, scheduler, search_alg=None, num_samples=1):
+def _fit(local_ray, name, param_space, scheduler, search_alg=None, num_samples=1):
     tuner = tune.Tuner(
         fake_constant_curve_trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(num_samples=num_samples, max_concurrent_trials=1, scheduler=scheduler,
                                     search_alg=search_alg),
-        run_config=tune.RunConfig(name="prune", storage_path=str(local_ray / "ray_results"), verbose=0),
+        run_config=tune.RunConfig(name=name, storage_path=str(local_ray), verbose=0),
     )
     results = tuner.fit()
     # One trial at a time, so Tune's creation index (experiment_tag "3_level=2.0") is the run order.
     return sorted(results, key=lambda r: int(r.metrics["experiment_tag"].split("_")[0]))
 
 
+@pytest.mark.slow
 def test_median_bridge_grid_prunes_the_worse_trials(local_ray):
     levels = [1.0, 2.0, 10.0, 1.5, 20.0]
     scheduler = OptunaPruningScheduler(build_optuna_pruner("median", {"n_startup_trials": 2}), METRIC, "min")
-    results = _fit(local_ray, {"level": tune.grid_search(levels)}, scheduler)
+    results = _fit(local_ray, "grid", {"level": tune.grid_search(levels)}, scheduler)
     run_levels = [r.config["level"] for r in results]
     want = expected_pruned(run_levels, n_startup=2)
     assert any(want) and not all(want)  # the case exercises both outcomes
@@ -83,6 +85,7 @@ def test_median_bridge_grid_prunes_the_worse_trials(local_ray):
     assert len(scheduler.pruned_trial_ids) == sum(want)
 
 
+@pytest.mark.slow
 def test_median_bridge_optuna_design_records_pruned_in_searchers_study(local_ray):
     levels = [1.0, 2.0, 3.0, 8.0, 9.0]
     searcher = PrunableOptunaSearch(
@@ -91,7 +94,7 @@ def test_median_bridge_optuna_design_records_pruned_in_searchers_study(local_ray
         sampler=optuna.samplers.RandomSampler(seed=3),
     )
     scheduler = OptunaPruningScheduler(searcher.study.pruner, METRIC, "min", searcher=searcher)
-    results = _fit(local_ray, {}, scheduler, ConcurrencyLimiter(searcher, max_concurrent=1), num_samples=8)
+    results = _fit(local_ray, "optuna", {}, scheduler, ConcurrencyLimiter(searcher, max_concurrent=1), num_samples=8)
     want = expected_pruned([r.config["level"] for r in results], n_startup=2)
     assert any(want)
     assert [r.metrics["step"] < FAKE_STEPS for r in results] == want

@@ -132,16 +132,20 @@ def test_optuna_design_runs_sampled_trials(write_plan):
 @pytest.mark.slow
 def test_wall_time_budget_stops_cleanly_and_records_why(write_plan):
     path = write_plan("budget-stop", {"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]},
-                      budget={"max_wall_time_s": 20}, resources={"cpus_per_trial": 1, "max_concurrent": 1},
-                      workload={**TINY_WORKLOAD, "total_steps": 400, "eval_every_steps": 100})
+                      budget={"max_wall_time_s": 15}, resources={"cpus_per_trial": 1, "max_concurrent": 1},
+                      workload={**TINY_WORKLOAD, "total_steps": 3000, "eval_every_steps": 500})
     plan = load_plan(path)
     summary = run_sweep(plan, path)
-    assert summary.stopped_reason == "budget.max_wall_time_s=20 reached"
+    # 4 trials x 3000 steps one at a time take well over 15 s on any machine.
+    assert summary.stopped_reason == "budget.max_wall_time_s=15 reached"
     client = MlflowClient(resolve_tracking_uri(plan))
     parent = client.get_run(summary.parent_run_id)
     assert parent.data.tags["stopped_reason"] == summary.stopped_reason
     children = children_of(client, parent.info.experiment_id, parent.info.run_id)
     assert summary.n_completed < 4 and all(c.info.status != "RUNNING" for c in children)
+    stopped = [c for c in children if c.info.status == "KILLED"]
+    assert stopped and all(c.data.tags.get("stopped_reason") == summary.stopped_reason for c in stopped)
+    assert all("pruned" not in c.data.tags for c in stopped)
 
 
 @pytest.mark.slow

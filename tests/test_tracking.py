@@ -46,6 +46,7 @@ def test_unreachable_ray_address_fails_before_anything(write_plan, tmp_cwd):
     _assert_nothing_recorded(tmp_cwd, plan)
 
 
+@pytest.mark.slow
 def test_more_gpus_than_any_node_fails_fast_with_numbers(write_plan, tmp_cwd):
     path = write_plan("too-many-gpus", {"kernel": ["laplace"]},
                       resources={"cpus_per_trial": 1, "gpus_per_trial": 2, "max_concurrent": 1})
