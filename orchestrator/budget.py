@@ -1,6 +1,6 @@
 """Budget stoppers: GPU-hours as a Ray Tune Stopper.
 
-max_trials caps Tune's num_samples and max_wall_time_s is Tune's own time_budget_s; the GPU-hour
+max_trials is enforced when the plan is validated and max_wall_time_s is Tune's own time_budget_s; the GPU-hour
 budget has no Tune equivalent, so it is a Stopper that sums gpus_per_trial x each trial's
 wall-clock seconds (`time_total_s` in Tune results) and stops the whole sweep when it is spent.
 """

@@ -32,6 +32,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from orchestrator.budget import GpuHoursStopper
+from orchestrator.errors import ClusterUnreachableError, DriftsweepError
 from orchestrator.plan import (
     expand_trials,
     mask_uri,
@@ -41,8 +43,6 @@ from orchestrator.plan import (
     resolve_storage_path,
     resolve_tracking_uri,
 )
-from orchestrator.budget import GpuHoursStopper
-from orchestrator.errors import ClusterUnreachableError, DriftsweepError
 from orchestrator.pruning import (
     OPTUNA_PRUNERS,
     STEP_KEY,
@@ -50,12 +50,11 @@ from orchestrator.pruning import (
     PrunableOptunaSearch,
     build_optuna_pruner,
 )
-from orchestrator.trainable import TRIAL_INDEX_KEY, SweepContext, run_trial, sampled_trial_name
 from orchestrator.tracking import (
     PLAN_HASH_TAG,
     child_runs,
     create_parent_run,
-    end_child,
+    end_run,
     ensure_experiment,
     flatten,
     git_commit,
@@ -64,6 +63,7 @@ from orchestrator.tracking import (
     preflight_tracking,
     ui_hint,
 )
+from orchestrator.trainable import TRIAL_INDEX_KEY, SweepContext, run_trial, sampled_trial_name
 
 STATE_FILE = "driftsweep.json"
 RAY_CONNECT_TIMEOUT_S = 5.0
@@ -89,7 +89,7 @@ class SweepSummary:
     """What a sweep did (or is doing): counts, the best trial, where to look.
 
     Attributes:
-        n_total: trials the sweep will run (after the max_trials cap).
+        n_total: trials the sweep will run (grid/ofat: the expansion; optuna: design.n_trials).
         n_completed: trials that ran to the end.
         n_pruned: trials stopped early by the pruner/scheduler.
         n_failed: trials that raised or produced NaN (after retries).
@@ -247,7 +247,7 @@ def _search_and_scheduler(plan, trials: list, experiment_dir: Path):
             searcher = OptunaSearch(**search_kwargs)
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=plan.resources.max_concurrent)
         param_space: dict = {}
-        num_samples = _capped(plan, plan.design.n_trials)
+        num_samples = plan.design.n_trials
     else:
         search_alg = None
         param_space = {TRIAL_INDEX_KEY: tune.grid_search(list(range(len(trials))))}
@@ -264,17 +264,12 @@ def _search_and_scheduler(plan, trials: list, experiment_dir: Path):
     return param_space, num_samples, search_alg, scheduler, pruning_scheduler
 
 
-def _capped(plan, n: int) -> int:
-    cap = plan.budget.max_trials
-    return min(n, cap) if cap else n
-
-
 def _planned_trials(plan) -> list:
-    """grid/ofat: the expanded trial list cut at budget.max_trials; optuna: []."""
-    if plan.design.type == "optuna":
-        return []
-    trials = expand_trials(plan)
-    return trials[: _capped(plan, len(trials))]
+    """grid/ofat: the expanded trial list; optuna: [] (the sampler proposes them).
+
+    budget.max_trials needs no cap here: the plan is rejected when the design exceeds it.
+    """
+    return [] if plan.design.type == "optuna" else expand_trials(plan)
 
 
 def _trial_record(trial) -> dict:
@@ -346,7 +341,7 @@ class SweepCallback(Callback):
         # early by the scheduler (the pruner or ASHA). Budget stops are corrected in _reconcile.
         client, run = self._child(trial)
         if run is not None and run.info.status == "RUNNING":
-            end_child(client, run.info.run_id, "KILLED", {"pruned": "true"})
+            end_run(client, run.info.run_id, "KILLED", {"pruned": "true"})
             self._stopped_early.add(trial.trial_id)
         self._refresh(trials, force=True)
 
@@ -354,7 +349,7 @@ class SweepCallback(Callback):
         client, run = self._child(trial)
         if run is not None and run.info.status == "RUNNING":
             # The trial process died before it could end its run (node lost, OOM kill...).
-            end_child(client, run.info.run_id, "FAILED", {"error": f"trial process lost: {trial.error_file}"})
+            end_run(client, run.info.run_id, "FAILED", {"error": f"trial process lost: {trial.error_file}"})
         self._refresh(trials, force=True)
 
     def on_step_end(self, iteration, trials, **info):
@@ -510,7 +505,7 @@ def run_sweep(plan, plan_path: str | os.PathLike, *, resume: bool = False, conso
         client = MlflowClient(tracking_uri)
         experiment_id = ensure_experiment(client, resolve_experiment(plan))
         trials = _planned_trials(plan)
-        n_total = len(trials) or _capped(plan, plan.design.n_trials)
+        n_total = len(trials) or plan.design.n_trials
         parent_run_id = _ensure_parent(plan, plan_path, client, experiment_id, trials, masked_uri, state)
         client.update_run(parent_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         state = {"parent_run_id": parent_run_id, "experiment_id": experiment_id,
@@ -540,8 +535,6 @@ def run_sweep(plan, plan_path: str | os.PathLike, *, resume: bool = False, conso
             stopped_reason = f"budget.max_gpu_hours={plan.budget.max_gpu_hours:g} reached"
         elif plan.budget.max_wall_time_s and elapsed_s >= plan.budget.max_wall_time_s:
             stopped_reason = f"budget.max_wall_time_s={plan.budget.max_wall_time_s:g} reached"
-        elif len(trials) < len(_planned_trials_uncapped(plan)):
-            stopped_reason = f"budget.max_trials={plan.budget.max_trials} reached"
         interrupted = bool(unfinished) and stopped_reason is None
         pruned_ids = pruning.pruned_trial_ids if pruning is not None else None
         _reconcile(client, experiment_id, parent_run_id, analysis.trials, pruned_ids, stopped_reason)
@@ -553,9 +546,9 @@ def run_sweep(plan, plan_path: str | os.PathLike, *, resume: bool = False, conso
                                best_trial=summary.best["trial"])
         if interrupted:
             summary.message = f"sweep interrupted: continue with `driftsweep resume {plan_path}`"
-            end_child(client, parent_run_id, "KILLED", parent_tags)
+            end_run(client, parent_run_id, "KILLED", parent_tags)
         else:
-            end_child(client, parent_run_id, "FINISHED", parent_tags)
+            end_run(client, parent_run_id, "FINISHED", parent_tags)
             state.update(finished=True, stopped_reason=stopped_reason)
             _write_state(experiment_dir, state)
         summary.extras["elapsed_s"] = elapsed_s
@@ -563,12 +556,6 @@ def run_sweep(plan, plan_path: str | os.PathLike, *, resume: bool = False, conso
     finally:
         if started_ray:
             ray.shutdown()
-
-
-def _planned_trials_uncapped(plan) -> list:
-    if plan.design.type == "optuna":
-        return []
-    return expand_trials(plan)
 
 
 def _reconcile(client: MlflowClient, experiment_id: str, parent_run_id: str, trials: list,
@@ -601,7 +588,7 @@ def _reconcile(client: MlflowClient, experiment_id: str, parent_run_id: str, tri
                 if "pruned" in run.data.tags:
                     client.delete_tag(run.info.run_id, "pruned")
         if status != run.info.status or tags:
-            end_child(client, run.info.run_id, status, tags)
+            end_run(client, run.info.run_id, status, tags)
 
 
 def _tag_value(text: str):

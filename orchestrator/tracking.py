@@ -298,17 +298,17 @@ class ChildRun:
         self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
-def end_child(
+def end_run(
     client: MlflowClient,
     run_id: str,
     status: str,
     tags: Mapping[str, str] | None = None,
 ) -> None:
-    """Driver side: set a child's final status and outcome tags (idempotent).
+    """Driver side: set a run's final status and outcome tags (idempotent).
 
     Args:
         client: MLflow client.
-        run_id: child run id.
+        run_id: the parent or a child run id.
         status: "FINISHED", "FAILED" or "KILLED".
         tags: outcome tags (`pruned`, `error`, `stopped_reason`).
     """
