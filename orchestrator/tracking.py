@@ -226,6 +226,8 @@ def one_line(exc: BaseException, limit: int = 500) -> str:
 class ChildRun:
     """The child run of one trial, opened (or reopened) inside the trial process.
 
+    A run found FINISHED is not reopened: `finished_metrics` then holds its last metrics.
+
     Args:
         tracking_uri: MLflow tracking URI reachable from this node.
         experiment_id: the sweep's experiment.
@@ -249,7 +251,14 @@ class ChildRun:
         self.client = MlflowClient(tracking_uri)
         existing = find_child_run(self.client, experiment_id, parent_run_id, trial_id)
         all_tags = {PARENT_TAG: parent_run_id, TRIAL_ID_TAG: trial_id, **tags}
-        if existing is None:
+        self.finished_metrics: dict[str, float] | None = None
+        if existing is not None and existing.info.status == RunStatus.to_string(RunStatus.FINISHED):
+            # The trial already ran to the end (a driver killed before Tune saved that): left as is.
+            self.run_id = existing.info.run_id
+            self.last_logged_step = int(existing.data.tags.get(LAST_STEP_TAG, -1))
+            self.reused = True
+            self.finished_metrics = dict(existing.data.metrics)
+        elif existing is None:
             run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
             self.run_id = run.info.run_id
             log_params(self.client, self.run_id, params)

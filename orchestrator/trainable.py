@@ -99,6 +99,10 @@ def run_trial(config: dict, context: SweepContext) -> None:
         context.tracking_uri, context.experiment_id, context.parent_run_id,
         trial.trial_id, trial.name, params, tags,
     )
+    if child.finished_metrics is not None:
+        # Completed before the driver was lost: hand Tune the final result instead of re-running.
+        tune.report({**child.finished_metrics, STEP_KEY: child.last_logged_step})
+        return
 
     # -- resume: the workload resumes from checkpoint_dir/latest.pt if it is there.
     checkpoint_dir = Path(tempfile.mkdtemp(prefix="ds_ckpt_"))

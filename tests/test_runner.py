@@ -153,7 +153,7 @@ def test_driver_killed_then_resume_reuses_runs_and_skips_finished_trials(write_p
     """SIGKILL the driver mid-sweep; `resume` finishes it with the same parent and child runs."""
     path = write_plan("resume-kill", {"kernel": ["laplace", "gaussian"], "anneal_rate": [0.0, 3.0]},
                       resources={"cpus_per_trial": 1, "max_concurrent": 1},
-                      workload={**TINY_WORKLOAD, "total_steps": 100, "eval_every_steps": 20})
+                      workload={**TINY_WORKLOAD, "total_steps": 2000, "eval_every_steps": 400})
     plan = load_plan(path)
     script = ("import sys; from orchestrator.plan import load_plan; from orchestrator.runner import run_sweep; "
               "run_sweep(load_plan(sys.argv[1]), sys.argv[1])")
@@ -165,13 +165,13 @@ def test_driver_killed_then_resume_reuses_runs_and_skips_finished_trials(write_p
     before = {}
     try:
         while time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(1)
+            time.sleep(0.5)
             experiment = client.get_experiment_by_name("resume-kill") if (tmp_cwd / "mlflow.db").exists() else None
             if experiment is None:
                 continue
             runs = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
             finished = [r for r in runs if r.info.status == "FINISHED"]
-            running = [r for r in runs if r.info.status == "RUNNING" and int(r.data.tags.get("last_step", 0)) >= 20]
+            running = [r for r in runs if r.info.status == "RUNNING" and int(r.data.tags.get("last_step", 0)) >= 400]
             if finished and running:
                 before = {r.data.tags["trial_id"]: r for r in runs}
                 break
@@ -190,7 +190,7 @@ def test_driver_killed_then_resume_reuses_runs_and_skips_finished_trials(write_p
     for child in children:
         assert child.info.status == "FINISHED", child.data.tags.get("error")
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "swd")]
-        assert sorted(steps) == [20, 40, 60, 80, 100]  # each step once: resumed, not re-logged
+        assert sorted(steps) == [400, 800, 1200, 1600, 2000]  # each step once: resumed, not re-logged
         old = before.get(child.data.tags["trial_id"])
         if old is not None:
             assert old.info.run_id == child.info.run_id  # reused, not duplicated

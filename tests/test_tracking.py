@@ -103,3 +103,22 @@ def test_gpu_hours_stopper_sums_gpus_times_trial_seconds():
     assert not stopper("a", {"time_total_s": 5400.0})  # same trial later: 0.75 GPU-h, not 0.5 + 0.75
     assert stopper("b", {"time_total_s": 1800.0})  # 0.75 + 0.25 = 1.0 GPU-h: spent
     assert stopper.stop_all()
+
+
+def test_finished_child_run_is_not_reopened(tmp_path):
+    """A trial that already finished (Tune's state lagged behind a killed driver) keeps its run as is."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, "finished")
+    parent = client.create_run(experiment_id, run_name="parent").info.run_id
+    args = (uri, experiment_id, parent, "t0000", "baseline", {"kernel": "laplace"}, {})
+    first = ChildRun(*args)
+    first.log_metrics(10, {"swd": 0.7, "loss": 2.0})
+    first.finish()
+    end_time = client.get_run(first.run_id).info.end_time
+
+    again = ChildRun(*args)
+    assert again.run_id == first.run_id
+    assert again.finished_metrics == {"swd": 0.7, "loss": 2.0} and again.last_logged_step == 10
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.info.end_time == end_time
