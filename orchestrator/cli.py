@@ -224,7 +224,7 @@ def resume(plan_path: PlanArg) -> None:
 def status(
     plan_path: Annotated[Path | None, typer.Argument(help="ablation plan YAML file", show_default=False)] = None,
     k8s: Annotated[str | None, typer.Option("--k8s", help="a RayJob name: show its Kubernetes status")] = None,
-    namespace: Annotated[str, typer.Option(help="Kubernetes namespace (with --k8s)")] = "default",
+    namespace: Annotated[str, typer.Option(help="Kubernetes namespace (with --k8s)")] = "driftsweep",
     context: Annotated[str | None, typer.Option(help="kubeconfig context (with --k8s)")] = None,
 ) -> None:
     """Trials done/running/pruned/failed and the best so far (from MLflow), or a RayJob's status."""
