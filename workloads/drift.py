@@ -160,61 +160,67 @@ def anneal_temperatures(temperatures: Sequence[float], rate: float, t: float) ->
 # ----------------------------------------------------------------------------------------------
 # Training drift (DESIGN.md steps 1-5)
 # ----------------------------------------------------------------------------------------------
+# Internally every tensor carries a leading location dimension L (2-D input is L = 1): the L
+# feature locations of a multi-scale feature map are independent kernels (own mean distance, own
+# normalizers), computed together with batched matmuls instead of a Python loop over locations.
 
 
 class _Distances:
-    """Row chunks of the normalized distance matrix dn = d(x, [y+; y-]) / mean_d (steps 1-2).
+    """Row chunks of the normalized distance matrices dn = d(x, [y+; y-]) / mean_d (steps 1-2).
 
+    Shapes: x (L x N x D), targets (L x M x D), chunks (L x rows x M); mean_d is per location.
     Masked generated-vs-generated diagonal entries are +inf, so every kernel's logit there is -inf.
     mean_d is the mean over the unmasked entries (no gradient: the whole drift runs under no_grad).
     Row and column minima of dn are kept: every registered kernel is decreasing in r, so
     log_k(min dn) is the exact max logit used to shift each softmax (no extra max pass).
-    The matrix is kept whole when it fits in _DIST_CACHE_BYTES, otherwise every pass recomputes
-    its chunk (exact, just slower).
+    The matrices are kept whole when they fit in _DIST_CACHE_BYTES, otherwise every pass
+    recomputes its chunk (exact, just slower).
     """
 
     def __init__(self, x: Tensor, targets: Tensor, num_pos: int, self_mask: bool, chunk: int):
         self.x, self.targets, self.num_pos, self.self_mask, self.chunk = (
             x, targets, num_pos, self_mask, chunk
         )
-        n, m = x.shape[0], targets.shape[0]
+        locations, n, m = x.shape[0], x.shape[1], targets.shape[1]
         self.starts = range(0, n, chunk)
         self.floor = math.log(torch.finfo(x.dtype).tiny) + _SUBNORMAL_MARGIN
-        cache = n * m * x.element_size() <= _DIST_CACHE_BYTES
+        cache = locations * n * m * x.element_size() <= _DIST_CACHE_BYTES
         self.full: Tensor | None = None
-        total = torch.zeros((), dtype=torch.float64, device=x.device)
-        self.row_min = torch.empty(n, dtype=x.dtype, device=x.device)
-        self.col_min = torch.full((m,), math.inf, dtype=x.dtype, device=x.device)
+        total = torch.zeros(locations, dtype=torch.float64, device=x.device)
+        self.row_min = torch.empty(locations, n, dtype=x.dtype, device=x.device)
+        self.col_min = torch.full((locations, m), math.inf, dtype=x.dtype, device=x.device)
         if cache:
             # One cdist call over all rows: a single large matmul is faster than per-chunk ones.
             self.full = _pairwise_distances(x, targets)
         for i0 in self.starts:
-            d = self._raw(i0) if self.full is None else self.full[i0 : i0 + chunk]
-            total += d.sum(dtype=torch.float64)
+            d = self._raw(i0) if self.full is None else self.full[:, i0 : i0 + chunk]
+            total += d.sum(dim=(1, 2), dtype=torch.float64)
             if self.self_mask:
-                total -= self._diag(d, i0).sum(dtype=torch.float64)
+                total -= self._diag(d, i0).sum(dim=1, dtype=torch.float64)
                 self._diag(d, i0).fill_(math.inf)
-            self.row_min[i0 : i0 + d.shape[0]] = d.amin(dim=1)
-            torch.minimum(self.col_min, d.amin(dim=0), out=self.col_min)
+            self.row_min[:, i0 : i0 + d.shape[1]] = d.amin(dim=2)
+            torch.minimum(self.col_min, d.amin(dim=1), out=self.col_min)
         count = n * m - (n if self_mask else 0)
-        self.inv_mean = float(count / total) if total > 0 else 1.0
-        self.row_min.mul_(self.inv_mean)
-        self.col_min.mul_(self.inv_mean)
+        # 1 / mean_d per location (L x 1 x 1); a location whose distances are all 0 keeps scale 1.
+        inv_mean = torch.where(total > 0, count / total, torch.ones_like(total))
+        self.inv_mean = inv_mean.to(x.dtype)[:, None, None]
+        self.row_min.mul_(self.inv_mean[:, :, 0])
+        self.col_min.mul_(self.inv_mean[:, :, 0])
         if self.full is not None:
             self.full.mul_(self.inv_mean)
 
     def _diag(self, d: Tensor, i0: int) -> Tensor:
-        # Entries (i, num_pos + i): generated sample i against itself among the negatives.
-        rows = d.shape[0]
-        return d[:, self.num_pos + i0 : self.num_pos + i0 + rows].diagonal()
+        # Entries (l, i, num_pos + i): generated sample i against itself among the negatives.
+        rows = d.shape[1]
+        return d[:, :, self.num_pos + i0 : self.num_pos + i0 + rows].diagonal(dim1=1, dim2=2)
 
     def _raw(self, i0: int) -> Tensor:
-        return _pairwise_distances(self.x[i0 : i0 + self.chunk], self.targets)
+        return _pairwise_distances(self.x[:, i0 : i0 + self.chunk], self.targets)
 
     def __call__(self, i0: int) -> Tensor:
-        """Normalized distances of rows [i0, i0 + chunk), masked."""
+        """Normalized distances of rows [i0, i0 + chunk) (L x rows x M), masked."""
         if self.full is not None:
-            return self.full[i0 : i0 + self.chunk]
+            return self.full[:, i0 : i0 + self.chunk]
         d = self._raw(i0)
         if self.self_mask:
             self._diag(d, i0).fill_(math.inf)
@@ -229,32 +235,32 @@ class _Distances:
 
 
 def _column_logsumexp(dist: _Distances, kernel: Kernel, tau: float) -> Tensor:
-    """Column-wise logsumexp of the logits over all generated rows, accumulated over chunks."""
+    """Column-wise logsumexp (L x M) of the logits over all generated rows, accumulated over chunks."""
     col_max = kernel.log_k(dist.col_min, tau)
     col_sum = torch.zeros_like(col_max)
     for i0 in dist.starts:
-        col_sum += dist.exp_(kernel.log_k(dist(i0), tau).sub_(col_max), i0).sum(dim=0)
+        col_sum += dist.exp_(kernel.log_k(dist(i0), tau).sub_(col_max[:, None, :]), i0).sum(dim=1)
     return col_max + col_sum.log()
 
 
 def _sinkhorn_offsets(dist: _Distances, kernel: Kernel, tau: float, iters: int) -> tuple[Tensor, Tensor]:
-    """Log-domain Sinkhorn potentials (f, g) of the entropic OT plan P = exp(logit + f_i + g_j).
+    """Log-domain Sinkhorn potentials (f L x N, g L x M) of the entropic OT plan P = exp(logit + f_i + g_j).
 
     Marginals are uniform: rows 1/N, columns 1/M; logit = -cost / tau, i.e. cost = dn (Laplace)
     and entropic regularization tau. Each iteration is one pass over row chunks: the row
     potentials of a chunk use the current g, and the column update accumulates the new f.
     """
-    n, m = dist.x.shape[0], dist.targets.shape[0]
+    locations, n, m = dist.x.shape[0], dist.x.shape[1], dist.targets.shape[1]
     log_a, log_b = -math.log(n), -math.log(m)
-    f = torch.zeros(n, dtype=dist.x.dtype, device=dist.x.device)
-    g = torch.zeros(m, dtype=dist.x.dtype, device=dist.x.device)
+    f = torch.zeros(locations, n, dtype=dist.x.dtype, device=dist.x.device)
+    g = torch.zeros(locations, m, dtype=dist.x.dtype, device=dist.x.device)
     for _ in range(iters):
         col = None
         for i0 in dist.starts:
             logit = kernel.log_k(dist(i0), tau)
-            rows = slice(i0, i0 + logit.shape[0])
-            f[rows] = log_a - torch.logsumexp(logit + g, dim=1)
-            part = torch.logsumexp(logit + f[rows, None], dim=0)
+            rows = slice(i0, i0 + logit.shape[1])
+            f[:, rows] = log_a - torch.logsumexp(logit + g[:, None, :], dim=2)
+            part = torch.logsumexp(logit + f[:, rows, None], dim=1)
             col = part if col is None else torch.logaddexp(col, part)
         g = log_b - col
     return f, g
@@ -267,13 +273,13 @@ def _drift_one_temperature(
     affinity_norm: str,
     sinkhorn_iters: int,
 ) -> Tensor:
-    """Unnormalized drift V_tau (N x D), DESIGN.md steps 3-4, over row chunks.
+    """Unnormalized drift V_tau (L x N x D), DESIGN.md steps 3-4, over row chunks.
 
     Every variant is A_ij = rho_i exp(logit_ij - shift_i + v_j) with a row factor rho_i applied
     after the matmuls (V_i is quadratic in row i of A), so no pass rescales A itself.
     """
-    n, num_pos = dist.x.shape[0], dist.num_pos
-    y_pos, y_neg = dist.targets[:num_pos], dist.targets[num_pos:]
+    n, num_pos = dist.x.shape[1], dist.num_pos
+    y_pos, y_neg = dist.targets[:, :num_pos], dist.targets[:, num_pos:]
     sinkhorn_f: Tensor | None = None
     col_offset: Tensor | None = None
     if kernel.sinkhorn_plan:
@@ -284,42 +290,41 @@ def _drift_one_temperature(
         # A = sqrt(softmax_row * softmax_col) = exp(logit - (lse_row_i + lse_col_j) / 2).
         col_offset = -0.5 * _column_logsumexp(dist, kernel, tau)
     row_max = kernel.log_k(dist.row_min, tau)
-    out = torch.empty(n, dist.targets.shape[1], dtype=dist.x.dtype, device=dist.x.device)
+    out = torch.empty_like(dist.x)
     scratch = torch.empty(0, dtype=dist.x.dtype, device=dist.x.device)
     for i0 in dist.starts:
         a = kernel.log_k(dist(i0), tau)
-        rows = slice(i0, i0 + a.shape[0])
+        rows = slice(i0, i0 + a.shape[1])
         if sinkhorn_f is not None:
-            shift = sinkhorn_f[rows, None].neg()
+            shift = sinkhorn_f[:, rows, None].neg()
         elif affinity_norm == "none":
             shift = None
         elif affinity_norm == "row":
             # A = exp(logit - max_i) / rowsum: the 1 / rowsum factor is applied after the matmuls.
-            shift = row_max[rows, None]
+            shift = row_max[:, rows, None]
         else:
             # Row logsumexp r_i = max_i + log(sum_j exp(logit_ij - max_i)).
-            r_max = row_max[rows, None]
+            r_max = row_max[:, rows, None]
             scratch = torch.sub(a, r_max, out=scratch.resize_(a.shape))
-            row_sum = dist.exp_(scratch, i0).sum(dim=1, keepdim=True)
+            row_sum = dist.exp_(scratch, i0).sum(dim=2, keepdim=True)
             shift = 0.5 * (r_max + row_sum.log())
         if shift is not None:
             a.sub_(shift)
         if col_offset is not None:
-            a.add_(col_offset)
+            a.add_(col_offset[:, None, :])
         dist.exp_(a, i0)
-        a_pos, a_neg = a[:, :num_pos], a[:, num_pos:]
-        sum_pos, sum_neg = a_pos.sum(dim=1, keepdim=True), a_neg.sum(dim=1, keepdim=True)
+        a_pos, a_neg = a[:, :, :num_pos], a[:, :, num_pos:]
+        sum_pos, sum_neg = a_pos.sum(dim=2, keepdim=True), a_neg.sum(dim=2, keepdim=True)
         # Step 4: V = (A+ rowsum(A-)) y+ - (A- rowsum(A+)) y-, row factors after the matmuls.
-        block = out[rows]
-        torch.mm(a_pos, y_pos, out=block)
-        block.mul_(sum_neg).sub_(torch.mm(a_neg, y_neg).mul_(sum_pos))
+        block = torch.bmm(a_pos, y_pos).mul_(sum_neg).sub_(torch.bmm(a_neg, y_neg).mul_(sum_pos))
         if affinity_norm == "row" and sinkhorn_f is None:
             # Row softmax A = E / S with S = rowsum(E): V scales by 1 / S^2.
             block.div_((sum_pos + sum_neg).square())
+        out[:, rows] = block
     return out
 
 
-def _drift_2d(
+def _drift_batched(
     x: Tensor,
     positives: Tensor,
     negatives: Tensor,
@@ -331,18 +336,23 @@ def _drift_2d(
     chunk_size: int | None,
     sinkhorn_iters: int,
 ) -> tuple[Tensor, list[float]]:
-    targets = torch.cat([positives, negatives], dim=0)
-    n, m, dim = x.shape[0], targets.shape[0], x.shape[1]
-    chunk = chunk_size or max(1, min(n, _CHUNK_ELEMENTS // m))
-    dist = _Distances(x, targets, positives.shape[0], self_mask, chunk)
-    total = torch.zeros(n, dim, dtype=x.dtype, device=x.device)
+    """Steps 1-5 for L independent locations (x L x N x D). Returns (V, RMS per temperature
+    averaged over locations)."""
+    targets = torch.cat([positives, negatives], dim=1)
+    locations, n, m = x.shape[0], x.shape[1], targets.shape[1]
+    chunk = chunk_size or max(1, min(n, _CHUNK_ELEMENTS // (locations * m)))
+    dist = _Distances(x, targets, positives.shape[1], self_mask, chunk)
+    total = torch.zeros_like(x)
     rms_values = []
     for tau in taus:
         v = _drift_one_temperature(dist, kernel, tau, affinity_norm, sinkhorn_iters)
-        # Step 5: RMS per coordinate, sqrt(mean_i ||V_i||^2 / D).
-        rms = float(v.square().mean().sqrt())
-        rms_values.append(rms)
-        total += v / rms if (normalize and rms > 0) else v
+        # Step 5: RMS per coordinate and location, sqrt(mean_i ||V_i||^2 / D).
+        rms = v.square().mean(dim=(1, 2)).sqrt()
+        rms_values.append(float(rms.mean()))
+        if normalize:
+            # A location whose drift is exactly 0 stays 0 (no division by zero).
+            v = v / torch.where(rms > 0, rms, torch.ones_like(rms))[:, None, None]
+        total += v
     return total, rms_values
 
 
@@ -420,11 +430,10 @@ def drift_field(
         xs, pos, neg = (t.detach().to(device=x.device, dtype=dtype) for t in (x, positives, negatives))
         args = (kern, taus, affinity_norm, normalize, chunk_size, sinkhorn_iters)
         if x.dim() == 2:
-            v, rms = _drift_2d(xs, pos, neg, self_mask, *args)
-        else:
-            per_location = [_drift_2d(xs[i], pos[i], neg[i], self_mask, *args) for i in range(x.shape[0])]
-            v = torch.stack([field for field, _ in per_location])
-            rms = [sum(col) / len(per_location) for col in zip(*(r for _, r in per_location))]
+            xs, pos, neg = xs[None], pos[None], neg[None]
+        v, rms = _drift_batched(xs, pos, neg, self_mask, *args)
+        if x.dim() == 2:
+            v = v[0]
     if return_stats:
         return v, {"drift_rms": rms}
     return v
