@@ -35,6 +35,9 @@ from workloads.generators import EMA, build_generator
 from workloads.metrics import frechet_distance, gaussian_stats, rbf_mmd, sliced_wasserstein
 
 Report = Callable[[int, dict[str, float]], None]
+# on_samples(step, samples): the evaluation samples just generated at an evaluation step
+# (num_samples x *sample_shape, float32, CPU), e.g. for sample plots; never called when None.
+SamplesHook = Callable[[int, torch.Tensor], None]
 
 # Independent random streams derived from the root seed (SeedSequence spawn keys).
 _STREAMS = ("init", "noise", "data", "eval")
@@ -85,8 +88,7 @@ class _Evaluator:
     def samples(self, model: nn.Module, device: torch.device) -> torch.Tensor:
         return torch.cat([model(z.to(device)).float().cpu() for z in self.noise.split(EVAL_BATCH_SIZE)])
 
-    def __call__(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        fake = self.samples(model, device)
+    def metrics(self, fake: torch.Tensor) -> dict[str, float]:
         real_flat, fake_flat = self.real.flatten(1), fake.flatten(1)
         metrics = {
             "swd": sliced_wasserstein(fake_flat, real_flat, num_projections=self.config.eval.swd_projections),
@@ -146,6 +148,7 @@ def train(
     checkpoint_dir: str | None = None,
     *,
     progress: bool = False,
+    on_samples: SamplesHook | None = None,
 ) -> dict[str, Any]:
     """Train a one-step generator by drifting and report metrics at every evaluation.
 
@@ -160,6 +163,8 @@ def train(
         report: called as report(step, metrics) with step = completed steps.
         checkpoint_dir: where ckpt-{step:07d}.pt / latest.pt go; resumes from latest.pt if present.
         progress: show a tqdm progress bar.
+        on_samples: called as on_samples(step, samples) at every evaluation, before report, with
+            the evaluation samples the metrics were computed on (CPU float32); None = not called.
 
     Returns:
         {"steps", "seed", "device", "fid_extractor", "final" (last metrics), "resumed_from" (step or None)}.
@@ -239,7 +244,10 @@ def train(
         is_eval = step % config.eval_every_steps == 0 or step == config.total_steps
         if is_eval:
             # -- evaluate on the fixed evaluation set (EMA weights when enabled).
-            metrics = evaluator(ema.model if ema is not None else model, device)
+            fake = evaluator.samples(ema.model if ema is not None else model, device)
+            metrics = evaluator.metrics(fake)
+            if on_samples is not None:
+                on_samples(step, fake)
             step_time_s = sums["step_time_s"] / steps_in_window
             metrics.update(
                 loss=sums["loss"] / steps_in_window,
@@ -286,7 +294,11 @@ def train(
 
 
 def run_workload(
-    config: WorkloadConfig, report: Report, checkpoint_dir: str | None = None, progress: bool = False
+    config: WorkloadConfig,
+    report: Report,
+    checkpoint_dir: str | None = None,
+    progress: bool = False,
+    on_samples: SamplesHook | None = None,
 ) -> dict[str, Any]:
     """Run the task named by config.task: "train" -> train, "alignment" -> run_alignment.
 
@@ -295,10 +307,11 @@ def run_workload(
         report: report(step, metrics) callback.
         checkpoint_dir: train only: checkpoint/resume directory.
         progress: train only: progress bar.
+        on_samples: train only: on_samples(step, samples) at every evaluation (see `train`).
 
     Returns:
         The task's summary dict.
     """
     if config.task == "alignment":
         return run_alignment(config, report)
-    return train(config, report, checkpoint_dir, progress=progress)
+    return train(config, report, checkpoint_dir, progress=progress, on_samples=on_samples)
