@@ -4,10 +4,14 @@ Inside the trial process: resolve the plan Trial from the Tune config, open (or 
 or a restore) the trial's MLflow child run, restore the workload checkpoint from Tune's last
 checkpoint, run the workload, and on every report log the metrics to MLflow and hand Tune the
 metrics plus a Checkpoint of the workload's latest.pt (so a retried/restored trial resumes).
+While the workload runs, MLflow's system metrics monitor samples CPU/memory (and GPU where
+nvidia-ml-py finds one) into the child run as `system/*` metrics, and `orchestrator.artifacts`
+logs the resolved config and sample/alignment plots.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,12 +21,46 @@ from typing import Any
 import ray
 from ray import tune
 
+from orchestrator.artifacts import TrialArtifacts
 from orchestrator.pruning import STEP_KEY
 from orchestrator.tracking import ChildRun, flatten, one_line
 
 TRIAL_INDEX_KEY = "trial_index"  # grid/ofat: Tune config = {"trial_index": i} into the trial list
 SAMPLED_PREFIX = "sampled-"  # optuna: Tune trial names "sampled-0007" carry the trial number
 LATEST_NAME = "latest.pt"  # the workload's resume file (workloads.checkpoint)
+# System metrics sampling period in seconds: trials last tens of seconds to hours, so a 2 s period
+# gives a curve even for short trials; each sample is averaged over the period (samples_before_logging=1).
+SYSTEM_METRICS_INTERVAL_S = 2.0
+
+_logger = logging.getLogger(__name__)
+
+
+def start_system_metrics(tracking_uri: str, run_id: str, resume: bool):
+    """Start MLflow's system metrics monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) for a run.
+
+    The monitor's thread also stops by itself once the run leaves RUNNING (e.g. a pruned trial
+    ended KILLED by the driver), so a trial stopped from outside does not leave it sampling.
+
+    Args:
+        tracking_uri: the run's tracking URI.
+        run_id: the child run.
+        resume: continue the step count of a reused run instead of starting at step 0.
+
+    Returns:
+        The started monitor (call `.finish()`), or None when it could not start (a warning is logged).
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    try:
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, samples_before_logging=1,
+            resume_logging=resume, tracking_uri=tracking_uri,
+        )
+        monitor.start()
+        return monitor
+    except Exception as exc:  # noqa: BLE001 - monitoring must never fail a trial
+        _logger.warning("driftsweep: system metrics not started for run %s: %s", run_id, exc)
+        return None
 
 
 @dataclass(frozen=True)
@@ -112,6 +150,10 @@ def run_trial(config: dict, context: SweepContext) -> None:
             if (Path(restored_dir) / LATEST_NAME).exists():
                 shutil.copy2(Path(restored_dir) / LATEST_NAME, checkpoint_dir / LATEST_NAME)
 
+    artifacts = TrialArtifacts(child.client, child.run_id, trial.config, trial.name)
+    artifacts.log_config()
+    monitor = start_system_metrics(context.tracking_uri, child.run_id, resume=child.reused)
+
     def report(step: int, metrics: dict[str, float]) -> None:
         child.log_metrics(step, metrics)
         latest = checkpoint_dir / LATEST_NAME
@@ -124,12 +166,19 @@ def run_trial(config: dict, context: SweepContext) -> None:
             tune.report({**metrics, STEP_KEY: step}, checkpoint=checkpoint)
 
     try:
-        summary = run_workload(trial.config, report, checkpoint_dir=str(checkpoint_dir))
+        summary = run_workload(trial.config, report, checkpoint_dir=str(checkpoint_dir),
+                               on_samples=artifacts.on_samples)
+        if trial.config.task == "alignment":
+            artifacts.log_alignment(summary["metrics"])
     except Exception as exc:
+        if monitor is not None:
+            monitor.finish()  # flush the last samples while the run is still RUNNING
         child.fail(one_line(exc))
         raise
     finally:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if monitor is not None:
+        monitor.finish()
     if summary.get("fid_extractor"):
         child.set_tags({"fid_extractor": summary["fid_extractor"]})
     child.finish()
