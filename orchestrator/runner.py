@@ -5,6 +5,8 @@ Order of work in `run_sweep` (nothing is recorded before the preflight passes):
    per-trial resources exist on some node;
 2. the MLflow parent run (created, or reused on resume) and the sweep state file
    `<storage>/<plan name>/driftsweep.json` (parent run id, plan hash, finished flag);
+   then the shared caches the trials need (the digits encoder) are built once, here, with a
+   progress bar, instead of by every trial at once;
 3. the Tuner (new, or `Tuner.restore(..., resume_errored=True)`), fit;
 4. reconcile MLflow with Tune's final trial states (no child left RUNNING), tag the best child.
 """
@@ -404,7 +406,10 @@ def _ensure_parent(plan, plan_path: Path, client: MlflowClient, experiment_id: s
     params["plan.n_trials_planned"] = str(len(trials) or plan.design.n_trials)
     tags = {
         PLAN_HASH_TAG: plan_hash(plan),
+        "driftsweep.plan_name": plan.name,
         "driftsweep.design": plan.design.type,
+        "driftsweep.objective_metric": plan.objective.metric,
+        "driftsweep.objective_mode": plan.objective.direction,
         **{f"driftsweep.version.{name}": version for name, version in package_versions().items()},
     }
     commit = git_commit(Path(__file__).resolve().parent)
@@ -414,6 +419,42 @@ def _ensure_parent(plan, plan_path: Path, client: MlflowClient, experiment_id: s
         trials_json = Path(tmp) / "trials.json"
         trials_json.write_text(json.dumps([_trial_record(t) for t in trials], indent=2, default=str))
         return create_parent_run(client, experiment_id, plan.name, params, tags, [plan_path, trials_json])
+
+
+def _cache_configs(plan, trials: list) -> list:
+    """Workload configs whose shared caches to build: every planned trial; optuna designs: the base
+    workload (a cache needed only by a sampled axis level is built by the first trial needing it)."""
+    return [trial.config for trial in trials] if trials else [plan.workload]
+
+
+def warm_caches(configs, console=None) -> list[str]:
+    """Build on the driver, once, the cache files trials would otherwise each build on first use.
+
+    Today that is the digits encoder (`workloads.features.load_digits_encoder`), used by
+    feature_map=digits_encoder and by FID on digits; its training shows a tqdm progress bar when a
+    console is given. On a multi-node cluster the file is on the driver's node only: workers on
+    other nodes still build their own copy the first time.
+
+    Args:
+        configs: workload configs of the sweep's trials.
+        console: a rich Console for the progress display (None = silent).
+
+    Returns:
+        The cache files that were built or found (for the message and tests).
+    """
+    from workloads.features import DEFAULT_ENCODER_CACHE, load_digits_encoder
+
+    paths = {
+        config.features.encoder_cache or str(DEFAULT_ENCODER_CACHE)
+        for config in configs
+        if config.task == "train" and config.data.name == "digits"
+        and (config.feature_map == "digits_encoder" or config.eval.fid)
+    }
+    for path in sorted(paths):
+        if console is not None and not Path(path).exists():
+            console.print(f"building the digits encoder once, cached at {path}", highlight=False)
+        load_digits_encoder(path, progress=console is not None)
+    return sorted(paths)
 
 
 def _tuner(plan, context: SweepContext, trials: list, experiment_dir: Path, callback: SweepCallback,
@@ -511,6 +552,7 @@ def run_sweep(plan, plan_path: str | os.PathLike, *, resume: bool = False, conso
         state = {"parent_run_id": parent_run_id, "experiment_id": experiment_id,
                  "plan_hash": plan_hash(plan), "n_total": n_total, "finished": False}
         _write_state(experiment_dir, state)
+        warm_caches(_cache_configs(plan, trials), console)
 
         # -- 3. Tune.
         ui = ui_hint(masked_uri)
