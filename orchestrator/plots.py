@@ -5,7 +5,11 @@
 - main effects per axis: bars = level mean - grand mean, error bars = half-width of the level's
   Student-t CI (none when n = 1), as computed by `orchestrator.report.summarize`;
 - Laplace vs Gaussian: for each configuration of the other axes where both kernels completed, paired
-  bars of the mean over replicates with CI error bars.
+  bars of the mean over replicates with CI error bars;
+- alignment plans (an `alignment.dim` axis): error vs d on log-log axes per configuration of the other
+  axes, with the fitted slope of `orchestrator.report.scaling_fits` in the legend, and the §5.1
+  diagnostics (cosine, lambda*/lambda-hat, preconditioner spread) vs d.
+With a steps-to-threshold level, the metric-vs-step panels draw it as a dashed line.
 """
 
 from __future__ import annotations
@@ -19,7 +23,16 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from orchestrator.report import AblationSummary, ConfigStats, TrialResult, level_sort_key
+from orchestrator.report import (
+    ALIGNMENT_DIAGNOSTICS,
+    DIM_AXIS,
+    AblationSummary,
+    ConfigStats,
+    TrialResult,
+    dimension_groups,
+    level_sort_key,
+    means_by_dim,
+)
 
 DPI = 110
 PANEL_INCHES = (4.8, 3.4)  # width, height of one subplot
@@ -81,6 +94,8 @@ def plot_metric_vs_step(summary: AblationSummary, results: Sequence[TrialResult]
             (line,) = panel.plot(steps, mean, label=f"{level} (n={len(trials)})")
             panel.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
         panel.set(title=axis, xlabel="step", ylabel=summary.metric)
+        if summary.threshold is not None:
+            panel.axhline(summary.threshold, color="black", linestyle="--", linewidth=0.8, label="threshold")
         if log_y:
             panel.set_yscale("log")
         panel.legend(fontsize="small")
@@ -163,6 +178,66 @@ def plot_kernel_comparison(summary: AblationSummary, path: Path) -> Path | None:
     return _save(figure, path)
 
 
+def plot_scaling(summary: AblationSummary, path: Path) -> Path | None:
+    """One log-log panel per error metric: mean over replicates vs d per group, fitted line dashed.
+
+    Args:
+        summary: from `orchestrator.report.summarize` (its `scaling` fits).
+        path: output PNG.
+
+    Returns:
+        path, or None when the summary has no fits (nothing is written).
+    """
+    metrics = list(dict.fromkeys(fit.metric for fit in summary.scaling))
+    if not metrics:
+        return None
+    figure, panels = _panels(len(metrics))
+    for metric, panel in zip(metrics, panels, strict=True):
+        for fit in (f for f in summary.scaling if f.metric == metric):
+            slope = "n/a" if fit.slope is None else f"{fit.slope:.2f}"
+            (line,) = panel.plot(fit.dims, fit.means, marker="o", label=f"{fit.label} (slope {slope})")
+            if fit.slope is not None:
+                dims = np.asarray(fit.dims)
+                panel.plot(dims, 10 ** (fit.intercept + fit.slope * np.log10(dims)), linestyle="--",
+                           color=line.get_color(), linewidth=0.8)
+        panel.set(xscale="log", yscale="log", xlabel="dimension d", ylabel=metric, title=f"{metric} vs d")
+        panel.legend(fontsize="x-small")
+    figure.suptitle("Alignment error vs dimension (log-log; dashed = least-squares fit)")
+    return _save(figure, path)
+
+
+def plot_alignment_diagnostics(summary: AblationSummary, results: Sequence[TrialResult], path: Path) -> Path | None:
+    """Panels of the §5.1 diagnostics vs d (log x axis), one line per configuration of the other axes.
+
+    Args:
+        summary: from `orchestrator.report.summarize` (gives the axes).
+        results: trials whose `metrics` hold cosine, lambda_ratio, precond_spread.
+        path: output PNG.
+
+    Returns:
+        path, or None without an alignment.dim axis or any diagnostic value (nothing is written).
+    """
+    if DIM_AXIS not in summary.axes:
+        return None
+    groups = dimension_groups(results, summary.axes)
+    names = [m for m in ALIGNMENT_DIAGNOSTICS if m in ("cosine", "lambda_ratio", "precond_spread")
+             and any(m in r.metrics for trials in groups.values() for r in trials)]
+    if not names:
+        return None
+    figure, panels = _panels(len(names))
+    for name, panel in zip(names, panels, strict=True):
+        for key, trials in groups.items():
+            means = means_by_dim(trials, name)
+            label = ",".join(f"{a}={v}" for a, v in key) or "all"
+            panel.plot(list(means), list(means.values()), marker="o", label=label)
+        if name in ("cosine", "lambda_ratio"):
+            panel.axhline(1.0, color="black", linestyle="--", linewidth=0.8)  # the theory's limit
+        panel.set(xscale="log", xlabel="dimension d", ylabel=name, title=name)
+        panel.legend(fontsize="x-small")
+    figure.suptitle("Alignment diagnostics vs dimension (mean over replicates)")
+    return _save(figure, path)
+
+
 def render_figures(
     summary: AblationSummary, results: Sequence[TrialResult], out_dir: Path
 ) -> dict[str, Path]:
@@ -174,7 +249,8 @@ def render_figures(
         out_dir: existing output directory.
 
     Returns:
-        caption -> PNG path, in display order (the kernel comparison only when both kernels ran).
+        caption -> PNG path, in display order (the kernel comparison only when both kernels ran,
+        the alignment figures only for alignment plans).
     """
     figures = {
         f"{summary.metric} vs step per axis level": plot_metric_vs_step(
@@ -185,4 +261,10 @@ def render_figures(
     kernels = plot_kernel_comparison(summary, out_dir / "laplace_vs_gaussian.png")
     if kernels is not None:
         figures["Laplace vs Gaussian"] = kernels
+    scaling = plot_scaling(summary, out_dir / "error_vs_dim.png")
+    if scaling is not None:
+        figures["Alignment error vs dimension (log-log, fitted slopes)"] = scaling
+    diagnostics = plot_alignment_diagnostics(summary, results, out_dir / "alignment_diagnostics.png")
+    if diagnostics is not None:
+        figures["Alignment diagnostics vs dimension"] = diagnostics
     return figures

@@ -24,6 +24,16 @@ Statistics (stated once, used everywhere):
   the pooled trials as independent draws; variation from the other axes widens it. With n = 1 there
   is no interval (shown "n/a"), never a zero-width one. The CI of an effect is the level's CI shifted
   by the grand mean (the grand mean treated as fixed).
+- Steps to threshold (annealing plans; the threshold comes from `--threshold` or the plan's
+  objective.threshold): for each completed trial, the first logged step (in step order) whose value
+  is <= threshold (mode min) or >= threshold (mode max); a trial that never gets there is "not
+  reached". Per configuration: reached k of n, and mean (with CI) of the steps over the k trials
+  that reached it (the others are not averaged in, so always read k/n next to the mean).
+- Scaling with dimension (alignment plans, an `alignment.dim` axis): for each configuration of the
+  other axes and each error metric, the least-squares line log10(error) = slope * log10(d) + b
+  through the final values of every completed trial (replicates are separate points; values <= 0
+  are left out), with the slope's Student-t CI on n - 2 degrees of freedom
+  (scipy.stats.linregress's standard error). Paper §5.1 annotates Figure 5 with this slope.
 """
 
 from __future__ import annotations
@@ -70,6 +80,11 @@ PLAN_ARTIFACT = "plan.yaml"
 REPORT_ARTIFACT_DIR = "report"
 TOP_CONFIGS = 10  # rows of the best-configurations table
 MLFLOW_PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # mlflow.environment_variables
+# Alignment plans (paper §5.1): the dimension axis, the errors whose log-log slope over d is fitted,
+# and the diagnostics shown at the smallest and largest d (names as workloads.metrics reports them).
+DIM_AXIS = "alignment.dim"
+SCALING_METRICS = ("abs_error", "rel_error")
+ALIGNMENT_DIAGNOSTICS = ("cosine", "lambda_hat", "lambda_star", "lambda_ratio", "precond_spread")
 
 
 class ReportError(DriftsweepError, ValueError):
@@ -87,6 +102,8 @@ class TrialResult:
         final_value: last logged value of the objective metric; None if never logged.
         history: (step, value) pairs of the objective metric, sorted by step.
         replicate: replicate index of this configuration.
+        metrics: every metric the trial logged -> its last value (the alignment report reads
+            the metrics other than the objective here).
     """
 
     name: str
@@ -95,6 +112,7 @@ class TrialResult:
     final_value: float | None
     history: list[tuple[int, float]] = field(default_factory=list)
     replicate: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def usable(self) -> bool:
@@ -146,6 +164,60 @@ class ConfigStats:
 
 
 @dataclass(frozen=True)
+class ThresholdRow:
+    """Steps to threshold of one configuration (see the module docstring for the rule).
+
+    Attributes:
+        axes: axis -> level of the configuration.
+        n: completed trials of the configuration.
+        reached: how many of them reached the threshold.
+        steps: mean/CI of the first step at threshold over the trials that reached it; None if none did.
+        final: mean/CI of the final value over all n trials.
+    """
+
+    axes: dict[str, str]
+    n: int
+    reached: int
+    steps: MeanStats | None
+    final: MeanStats
+
+    @property
+    def label(self) -> str:
+        """`axis=level,...` in axis order."""
+        return ",".join(f"{axis}={level}" for axis, level in self.axes.items())
+
+
+@dataclass(frozen=True)
+class ScalingFit:
+    """Log-log fit of one error metric against the dimension for one configuration of the other axes.
+
+    Attributes:
+        group: the other axes' levels, e.g. {"kernel": "laplace", "alignment.dataset": "ring_mog_hd"}.
+        metric: the error metric (abs_error or rel_error).
+        dims: the dimensions with a positive value, ascending.
+        means: mean value over replicates at each of dims.
+        n_points: trials in the fit.
+        slope: fitted d-exponent (log10 error per log10 d); None with fewer than 2 distinct dims.
+        slope_ci: Student-t CI of the slope; None with fewer than 3 points.
+        intercept: log10 error at d = 1 of the fitted line; None when slope is None.
+    """
+
+    group: dict[str, str]
+    metric: str
+    dims: list[float]
+    means: list[float]
+    n_points: int
+    slope: float | None
+    slope_ci: tuple[float, float] | None
+    intercept: float | None
+
+    @property
+    def label(self) -> str:
+        """`axis=level,...` of the group ("all" when the dimension is the only axis)."""
+        return ",".join(f"{axis}={level}" for axis, level in self.group.items()) or "all"
+
+
+@dataclass(frozen=True)
 class AblationSummary:
     """Everything the report shows (see the module docstring for the statistics)."""
 
@@ -160,6 +232,11 @@ class AblationSummary:
     importances: dict[str, float] | None
     design: str = "grid"
     baseline: dict[str, str] = field(default_factory=dict)  # ofat only: axis -> baseline level
+    threshold: float | None = None  # steps-to-threshold level, None = not requested
+    threshold_rows: list[ThresholdRow] = field(default_factory=list)  # per configuration
+    scaling: list[ScalingFit] = field(default_factory=list)  # alignment plans: error vs d fits
+    diagnostics: list[tuple[str, dict[str, float], dict[str, float]]] = field(default_factory=list)
+    # alignment plans: (group label, metric -> mean at the smallest d, metric -> mean at the largest d)
 
     @property
     def best(self) -> ConfigStats:
@@ -267,6 +344,7 @@ def summarize(
     confidence: float = 0.95,
     *,
     design: str = "grid",
+    threshold: float | None = None,
 ) -> AblationSummary:
     """Compute the ablation summary of a sweep (statistics as in the module docstring).
 
@@ -278,9 +356,10 @@ def summarize(
         confidence: CI coverage, in (0, 1).
         design: plan design type; "optuna" adds fANOVA parameter importances, "ofat" restricts
             each axis's levels to trials with the other axes at the baseline.
+        threshold: if given, the steps-to-threshold table per configuration is computed.
 
     Returns:
-        AblationSummary.
+        AblationSummary (with the error-vs-d fits when `alignment.dim` is an axis).
 
     Raises:
         ReportError: bad mode/confidence, no axes, or no completed trial with a finite metric value.
@@ -317,6 +396,10 @@ def summarize(
         key=lambda c: (sign * c.stats.mean, c.label),
     )
     importances = param_importances(usable, axes, mode) if design == "optuna" else None
+    scaling, diagnostics = [], []
+    if DIM_AXIS in axes:
+        scaling = scaling_fits(usable, axes, SCALING_METRICS, confidence)
+        diagnostics = dimension_extremes(usable, axes, ALIGNMENT_DIAGNOSTICS)
     return AblationSummary(
         metric=metric,
         mode=mode,
@@ -329,7 +412,192 @@ def summarize(
         importances=importances,
         design=design,
         baseline=baseline,
+        threshold=threshold,
+        threshold_rows=[] if threshold is None else threshold_table(usable, axes, threshold, mode, confidence),
+        scaling=scaling,
+        diagnostics=diagnostics,
     )
+
+
+def steps_to_threshold(history: Sequence[tuple[int, float]], threshold: float, mode: Mode) -> int | None:
+    """The first step whose value is at the threshold: <= threshold for mode min, >= for max.
+
+    Args:
+        history: (step, value) pairs in any order (sorted by step here).
+        threshold: the level, in metric units.
+        mode: "min" or "max".
+
+    Returns:
+        That step, or None if no logged value reaches the threshold.
+
+    Raises:
+        ReportError: bad mode.
+    """
+    if mode not in ("min", "max"):
+        raise ReportError(f"mode={mode!r} is invalid; use 'min' or 'max'")
+    for step, value in sorted(history):
+        if (value <= threshold) if mode == "min" else (value >= threshold):
+            return step
+    return None
+
+
+def threshold_table(
+    results: Sequence[TrialResult], axes: Sequence[str], threshold: float, mode: Mode, confidence: float = 0.95
+) -> list[ThresholdRow]:
+    """Steps to threshold and final value per configuration (module docstring rule), in natural order.
+
+    Args:
+        results: trials; only usable ones (completed, finite final value) are counted.
+        axes: axis names.
+        threshold: the level, in metric units.
+        mode: "min" or "max".
+        confidence: CI coverage.
+
+    Returns:
+        One ThresholdRow per configuration, sorted by the axes' levels in natural order.
+    """
+    if not math.isfinite(threshold):
+        raise ReportError(f"threshold={threshold} is invalid; use a finite number in the metric's units")
+    by_config: dict[tuple[tuple[str, str], ...], list[TrialResult]] = defaultdict(list)
+    for r in results:
+        if r.usable:
+            by_config[tuple((axis, r.axes.get(axis, "")) for axis in axes)].append(r)
+    rows = []
+    for key in sorted(by_config, key=lambda k: [level_sort_key(v) for _, v in k]):
+        trials = by_config[key]
+        steps = [s for s in (steps_to_threshold(r.history, threshold, mode) for r in trials) if s is not None]
+        rows.append(
+            ThresholdRow(
+                axes=dict(key),
+                n=len(trials),
+                reached=len(steps),
+                steps=mean_ci(steps, confidence) if steps else None,
+                final=mean_ci([r.final_value for r in trials], confidence),
+            )
+        )
+    return rows
+
+
+def loglog_fit(dims: Sequence[float], values: Sequence[float], confidence: float = 0.95):
+    """Least-squares line log10(value) = slope * log10(dim) + intercept (paper §5.1, Figure 5).
+
+    Args:
+        dims: positive dimensions, at least 2 distinct.
+        values: positive values, one per dim.
+        confidence: coverage of the slope's Student-t CI.
+
+    Returns:
+        (slope, intercept, (ci_low, ci_high) or None with fewer than 3 points).
+
+    Raises:
+        ReportError: fewer than 2 distinct dims, lengths differ, or a non-positive value.
+    """
+    x, y = np.asarray(dims, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    if x.shape != y.shape or np.unique(x).size < 2 or (x <= 0).any() or (y <= 0).any():
+        raise ReportError("a log-log fit needs >= 2 distinct positive dims and one positive value per dim")
+    fit = stats.linregress(np.log10(x), np.log10(y))
+    ci = None
+    if x.size > 2:
+        half = float(stats.t.ppf((1 + confidence) / 2, df=x.size - 2)) * float(fit.stderr)
+        ci = (float(fit.slope) - half, float(fit.slope) + half)
+    return float(fit.slope), float(fit.intercept), ci
+
+
+def dimension_groups(
+    results: Sequence[TrialResult], axes: Sequence[str]
+) -> dict[tuple[tuple[str, str], ...], list[TrialResult]]:
+    """Usable trials carrying the dimension axis, grouped by the other axes' levels.
+
+    Args:
+        results: trials of any status (only usable ones are kept).
+        axes: axis names (alignment.dim among them).
+
+    Returns:
+        ((axis, level) of the other axes, ...) -> trials, groups in natural level order.
+    """
+    others = [a for a in axes if a != DIM_AXIS]
+    groups: dict[tuple[tuple[str, str], ...], list[TrialResult]] = defaultdict(list)
+    for r in results:
+        if r.usable and DIM_AXIS in r.axes:
+            groups[tuple((a, r.axes.get(a, "")) for a in others)].append(r)
+    return {key: groups[key] for key in sorted(groups, key=lambda k: [level_sort_key(v) for _, v in k])}
+
+
+def means_by_dim(trials: Sequence[TrialResult], metric: str) -> dict[float, float]:
+    """Mean of a metric's final values per dimension.
+
+    Args:
+        trials: trials with an alignment.dim axis.
+        metric: a key of TrialResult.metrics.
+
+    Returns:
+        dim -> mean over the trials at that dim (missing or non-finite values skipped), dims ascending.
+    """
+    by_dim: dict[float, list[float]] = defaultdict(list)
+    for r in trials:
+        value = r.metrics.get(metric)
+        if value is not None and math.isfinite(value):
+            by_dim[float(r.axes[DIM_AXIS])].append(value)
+    return {dim: float(np.mean(by_dim[dim])) for dim in sorted(by_dim)}
+
+
+def scaling_fits(
+    results: Sequence[TrialResult], axes: Sequence[str], metrics: Sequence[str], confidence: float = 0.95
+) -> list[ScalingFit]:
+    """Error-vs-dimension log-log fits per configuration of the other axes (module docstring rule).
+
+    Args:
+        results: trials whose `metrics` hold the error metrics and whose axes include alignment.dim.
+        axes: axis names (alignment.dim among them).
+        metrics: error metrics to fit, e.g. ("abs_error", "rel_error").
+        confidence: coverage of the slope CI.
+
+    Returns:
+        One ScalingFit per (group, metric) with at least one positive value.
+    """
+    fits = []
+    for key, trials in dimension_groups(results, axes).items():
+        for metric in metrics:
+            points = [
+                (float(r.axes[DIM_AXIS]), r.metrics[metric])
+                for r in trials
+                if metric in r.metrics and math.isfinite(r.metrics[metric]) and r.metrics[metric] > 0
+            ]
+            if not points:
+                continue
+            means = {d: m for d, m in means_by_dim(trials, metric).items() if m > 0}
+            slope = intercept = ci = None
+            if len({d for d, _ in points}) >= 2:
+                slope, intercept, ci = loglog_fit(*zip(*points), confidence=confidence)
+            fits.append(
+                ScalingFit(dict(key), metric, list(means), list(means.values()), len(points), slope, ci, intercept)
+            )
+    return fits
+
+
+def dimension_extremes(
+    results: Sequence[TrialResult], axes: Sequence[str], metrics: Sequence[str]
+) -> list[tuple[str, dict[str, float], dict[str, float]]]:
+    """Per configuration of the other axes: the metrics' means at the smallest and the largest d.
+
+    Args:
+        results: trials with `metrics` and an alignment.dim axis.
+        axes: axis names.
+        metrics: metric names to show (missing ones are left out).
+
+    Returns:
+        (group label, metric -> mean at the smallest d, metric -> mean at the largest d) per group.
+    """
+    rows = []
+    for key, trials in dimension_groups(results, axes).items():
+        low, high = {}, {}
+        for metric in metrics:
+            means = means_by_dim(trials, metric)
+            if means:
+                low[metric], high[metric] = means[min(means)], means[max(means)]
+        label = ",".join(f"{a}={v}" for a, v in key) or "all"
+        rows.append((label, low, high))
+    return rows
 
 
 def param_importances(
@@ -396,6 +664,7 @@ class _Sweep:
     design: str
     axes: list[str]  # plan order, then any other axis tag alphabetically
     results: list[TrialResult]
+    threshold: float | None = None  # the plan's objective.threshold
 
 
 def _tag(tags: Mapping[str, str], *names: str) -> str | None:
@@ -515,12 +784,15 @@ def _load(tracking_uri: str, plan_or_run_id: str) -> _Sweep:
     parent_id = parent.info.run_id
     plan = _mlflow_call(tracking_uri, f"artifacts of run {parent_id}", _parent_plan, client, parent)
     metric, mode = parent.data.tags.get(TAG_METRIC), parent.data.tags.get(TAG_MODE)
-    if (not metric or mode not in ("min", "max")) and "objective" in plan:
+    threshold = None
+    if "objective" in plan:
         from orchestrator.plan import Objective
 
         # The plan's own rule resolves an omitted mode (max for cosine/samples_per_s, else min).
         objective = Objective.model_validate(plan["objective"])
-        metric, mode = objective.metric, objective.direction
+        threshold = objective.threshold
+        if not metric or mode not in ("min", "max"):
+            metric, mode = objective.metric, objective.direction
     if not metric or mode not in ("min", "max"):
         raise ReportError(
             f"run {parent_id} has no objective: neither tags {TAG_METRIC} and {TAG_MODE} (min|max) "
@@ -545,12 +817,13 @@ def _load(tracking_uri: str, plan_or_run_id: str) -> _Sweep:
                 final_value=history[-1][2] if history else None,
                 history=[(step, value) for step, _, value in history],
                 replicate=int(_tag(tags, *TAGS_REPLICATE) or 0),
+                metrics=dict(run.data.metrics),
             )
         )
     names = {axis for r in results for axis in r.axes}
     planned = [axis for axis in (plan.get("axes") or {}) if axis in names]
     axes = planned + sorted(names - set(planned))
-    return _Sweep(parent, metric, mode, str(design), axes, sorted(results, key=lambda r: r.name))
+    return _Sweep(parent, metric, mode, str(design), axes, sorted(results, key=lambda r: r.name), threshold)
 
 
 def load_results(tracking_uri: str, plan_or_run_id: str) -> tuple[object, list[TrialResult]]:
@@ -629,13 +902,76 @@ def _tables(summary: AblationSummary) -> list[_TableData]:
         list(summary.counts),
         [[str(v) for v in summary.counts.values()]],
     )
-    tables = [effects, configs, counts]
+    importances = []
     if summary.importances:
-        tables.append(
+        importances.append(
             _TableData(
                 "Optuna parameter importances (fANOVA, normalized to sum 1)",
                 ["axis", "importance"],
                 [[axis, f"{value:.3f}"] for axis, value in summary.importances.items()],
+            )
+        )
+    return [effects, configs, counts, *_experiment_tables(summary), *importances]
+
+
+def _experiment_tables(summary: AblationSummary) -> list[_TableData]:
+    """The steps-to-threshold and alignment tables, when the summary has them."""
+    ci = f"{summary.confidence:.0%} CI"
+    tables = []
+    if summary.threshold is not None:
+        better = "<=" if summary.mode == "min" else ">="
+        tables.append(
+            _TableData(
+                f"Steps to {summary.metric} {better} {summary.threshold:g} (first logged step at the "
+                "threshold; mean over the trials that reached it) and final value",
+                ["configuration", "reached", "mean steps", f"steps {ci}", f"final {summary.metric}", f"final {ci}"],
+                [
+                    [
+                        row.label,
+                        f"{row.reached}/{row.n}",
+                        "not reached" if row.steps is None else _fmt(row.steps.mean),
+                        "n/a" if row.steps is None else _fmt_ci(row.steps),
+                        _fmt(row.final.mean),
+                        _fmt_ci(row.final),
+                    ]
+                    for row in summary.threshold_rows
+                ],
+            )
+        )
+    if summary.scaling:
+        tables.append(
+            _TableData(
+                "Error vs dimension: log-log slope of the final values over d (least squares on every "
+                "trial; paper §5.1 Figure 5)",
+                ["group", "metric", "d range", "mean at smallest d", "mean at largest d", "points", "slope",
+                 f"slope {ci}"],
+                [
+                    [
+                        fit.label,
+                        fit.metric,
+                        f"{fit.dims[0]:g}-{fit.dims[-1]:g}",
+                        _fmt(fit.means[0]),
+                        _fmt(fit.means[-1]),
+                        str(fit.n_points),
+                        "n/a" if fit.slope is None else f"{fit.slope:.3f}",
+                        "n/a" if fit.slope_ci is None else f"[{fit.slope_ci[0]:.3f}, {fit.slope_ci[1]:.3f}]",
+                    ]
+                    for fit in summary.scaling
+                ],
+            )
+        )
+    if summary.diagnostics:
+        names = sorted({m for _, low, high in summary.diagnostics for m in (*low, *high)},
+                       key=ALIGNMENT_DIAGNOSTICS.index)
+        tables.append(
+            _TableData(
+                "Alignment diagnostics at the smallest / largest d (mean over replicates; "
+                "lambda_ratio = lambda* / lambda-hat, 1 = the predicted scale)",
+                ["group", *names],
+                [
+                    [label, *(f"{_fmt(low.get(m))} / {_fmt(high.get(m))}" for m in names)]
+                    for label, low, high in summary.diagnostics
+                ],
             )
         )
     return tables
@@ -665,6 +1001,26 @@ def report_table(summary: AblationSummary) -> Table:
         caption += " | importance: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.importances.items())
     table.caption = caption
     return table
+
+
+def experiment_tables(summary: AblationSummary) -> list[Table]:
+    """The terminal view of the steps-to-threshold and error-vs-dimension tables (if any).
+
+    Args:
+        summary: from `summarize`.
+
+    Returns:
+        rich Tables (empty when the sweep has neither a threshold nor an alignment.dim axis).
+    """
+    tables = []
+    for data in _experiment_tables(summary):
+        table = Table(title=data.title)
+        for header in data.headers:
+            table.add_column(header)
+        for row in data.rows:
+            table.add_row(*row)
+        tables.append(table)
+    return tables
 
 
 def _intro(summary: AblationSummary) -> list[str]:
@@ -792,6 +1148,7 @@ def build_report(
     out_dir: str | Path = "report",
     attach: bool = True,
     console: Console | None = None,
+    threshold: float | None = None,
 ) -> Path:
     """Summarize a sweep, plot it, write report.html/report.md/main_effects.csv and PNGs.
 
@@ -801,6 +1158,7 @@ def build_report(
         out_dir: output directory (created).
         attach: also log the files on the parent run under `report/`.
         console: if given, the summary table is printed on it.
+        threshold: steps-to-threshold level; None = the plan's objective.threshold (if any).
 
     Returns:
         Path of report.html (the other files are next to it).
@@ -816,7 +1174,14 @@ def build_report(
     tracking_uri = tracking_uri or mlflow.get_tracking_uri()
     sweep = _load(tracking_uri, plan_or_run_id)
     parent = sweep.parent
-    summary = summarize(sweep.results, sweep.axes, sweep.metric, sweep.mode, design=sweep.design)
+    summary = summarize(
+        sweep.results,
+        sweep.axes,
+        sweep.metric,
+        sweep.mode,
+        design=sweep.design,
+        threshold=sweep.threshold if threshold is None else threshold,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -832,4 +1197,6 @@ def build_report(
         attach_to_parent(tracking_uri, parent.info.run_id, written)
     if console is not None:
         console.print(report_table(summary))
+        for table in experiment_tables(summary):
+            console.print(table)
     return written[0]

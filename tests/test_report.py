@@ -19,16 +19,22 @@ from scipy import stats
 
 from orchestrator import plots
 from orchestrator.report import (
+    DIM_AXIS,
     ReportError,
     TrialResult,
     build_report,
+    dimension_extremes,
     level_sort_key,
     load_results,
+    loglog_fit,
     mean_ci,
     render_html,
     render_markdown,
     report_table,
+    scaling_fits,
+    steps_to_threshold,
     summarize,
+    threshold_table,
 )
 
 AXES = ["kernel", "batch_size"]
@@ -411,6 +417,7 @@ def test_load_results_reads_the_layout(store, layout):
     assert trial.axes == {"kernel": "laplace", "batch_size": "256"}
     assert (trial.status, trial.final_value, trial.replicate) == ("completed", 5.0, 1)
     assert trial.history == _history(5.0)
+    assert trial.metrics == {"swd": 5.0, "loss": 1.0}  # every metric's value at the largest step
     assert by_name["pruned"].status == "pruned"
     assert by_name["failed"].status == "failed" and by_name["killed"].status == "failed"
 
@@ -472,3 +479,150 @@ def test_build_report_end_to_end(store, layout, tmp_path):
         assert float(row["mean"]) == pytest.approx(np.mean(values), rel=1e-3)
         ci_low, ci_high = (float(x) for x in row["95% CI"].strip("[]").split(","))
         assert (ci_low, ci_high) == pytest.approx((low, high), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_build_report_threshold_from_the_command(store, tmp_path):
+    uri, sweeps = store
+    # Histories are (0, f+2), (100, f+1), (200, f) with every f >= 0.1, so f + 1 > 1.05: only finals
+    # f <= 1.05 reach 1.05, at step 200: 0.5 and 0.9 (gaussian/256), 1.0 (laplace/64), 0.1 (laplace/256).
+    build_report(str(sweeps["brief"]["plan"]), tracking_uri=uri, out_dir=tmp_path, attach=False, threshold=1.05)
+    text = (tmp_path / "report.md").read_text()
+    assert "Steps to swd <= 1.05" in text
+    assert "| kernel=gaussian,batch_size=256 | 2/2 | 200 |" in text
+    assert "| kernel=laplace,batch_size=64 | 1/2 | 200 |" in text  # 1.0 reaches, 1.4 does not
+    assert "| kernel=gaussian,batch_size=64 | 0/2 | not reached |" in text  # 3.0, 3.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps to threshold (annealing plans) and error-vs-dimension fits (alignment plans)
+# ---------------------------------------------------------------------------------------------
+
+FAKE_HISTORY = [(400, 0.12), (100, 0.5), (300, 0.09), (200, 0.2), (500, 0.05)]  # out of step order
+
+
+def test_steps_to_threshold_on_a_fake_history():
+    # Sorted by step: 0.5, 0.2, 0.09 (step 300, first <= 0.1), 0.12, 0.05.
+    assert steps_to_threshold(FAKE_HISTORY, 0.1, "min") == 300
+    assert steps_to_threshold(FAKE_HISTORY, 0.09, "min") == 300  # <= includes equality
+    assert steps_to_threshold(FAKE_HISTORY, 0.01, "min") is None  # never reached
+    assert steps_to_threshold(FAKE_HISTORY, 0.2, "max") == 100  # 0.5 >= 0.2 at the first step
+    assert steps_to_threshold(FAKE_HISTORY, 0.6, "max") is None
+    with pytest.raises(ReportError, match="mode"):
+        steps_to_threshold(FAKE_HISTORY, 0.1, "lower")
+
+
+def _curve_trial(name: str, rate: str, history: list[tuple[int, float]], status: str = "completed"):
+    return TrialResult(name, {"anneal_rate": rate}, status, history[-1][1], history)
+
+
+def test_threshold_table_counts_reached_and_averages_only_those():
+    results = [
+        _curve_trial("a0", "0", [(25, 0.3), (50, 0.2), (75, 0.15)]),  # never <= 0.1
+        _curve_trial("a1", "0", [(25, 0.3), (50, 0.09), (75, 0.11)]),  # 50
+        _curve_trial("b0", "3", [(25, 0.1), (50, 0.08), (75, 0.07)]),  # 25
+        _curve_trial("b1", "3", [(25, 0.2), (50, 0.12), (75, 0.06)]),  # 75
+        _curve_trial("b2", "3", [(25, 0.01)], status="pruned"),  # not completed: not counted
+    ]
+    rows = threshold_table(results, ["anneal_rate"], 0.1, "min")
+    assert [row.label for row in rows] == ["anneal_rate=0", "anneal_rate=3"]
+    slow, fast = rows
+    assert (slow.n, slow.reached, slow.steps.n, slow.steps.mean) == (2, 1, 1, 50.0)
+    assert slow.steps.ci_low is None  # one trial: no interval
+    assert slow.final.mean == pytest.approx((0.15 + 0.11) / 2)
+    assert (fast.n, fast.reached, fast.steps.mean) == (2, 2, 50.0)  # (25 + 75) / 2
+    assert (fast.steps.ci_low, fast.steps.ci_high) == pytest.approx(expected_ci([25.0, 75.0]))
+    none_reached = threshold_table(results, ["anneal_rate"], 0.001, "min")
+    assert [row.steps for row in none_reached] == [None, None]
+    with pytest.raises(ReportError, match="threshold"):
+        threshold_table(results, ["anneal_rate"], float("nan"), "min")
+
+
+def test_threshold_in_the_summary_and_the_markdown(tmp_path):
+    results = [_curve_trial(f"r{i}", str(rate), [(25, 0.3), (50, 0.05 * (1 + rate))])
+               for i, rate in enumerate((0, 1, 3))]
+    summary = summarize(results, ["anneal_rate"], "swd", "min", threshold=0.1)
+    assert summary.threshold == 0.1 and len(summary.threshold_rows) == 3
+    figures = plots.render_figures(summary, results, tmp_path)
+    text = render_markdown(summary, figures, tmp_path / "r.md", "t").read_text()
+    assert "| anneal_rate=0 | 1/1 | 50 |" in text  # 0.05 <= 0.1 at step 50
+    assert "| anneal_rate=3 | 0/1 | not reached |" in text  # 0.2 never <= 0.1
+    assert summarize(results, ["anneal_rate"], "swd", "min").threshold_rows == []
+
+
+# Made-up errors falling roughly like d^-1 with a wobble, two replicates (the second 1.3x the first).
+DIMS = [2, 8, 32, 128, 512]
+ERRORS = [3.0, 0.9, 0.2, 0.06, 0.013]
+
+
+def test_loglog_fit_matches_numpy_polyfit():
+    dims = DIMS + DIMS
+    values = ERRORS + [1.3 * e for e in ERRORS]
+    slope, intercept, ci = loglog_fit(dims, values)
+    expected_slope, expected_intercept = np.polyfit(np.log10(dims), np.log10(values), 1)
+    assert (slope, intercept) == pytest.approx((expected_slope, expected_intercept), rel=1e-10)
+    # Slope standard error by hand: sqrt(SSR / (n - 2) / Sxx), t quantile from scipy's interval.
+    x, y = np.log10(dims), np.log10(values)
+    residuals = y - (expected_slope * x + expected_intercept)
+    stderr = np.sqrt(residuals @ residuals / (len(x) - 2) / ((x - x.mean()) @ (x - x.mean())))
+    low, high = stats.t.interval(0.95, len(x) - 2, loc=expected_slope, scale=stderr)
+    assert ci == pytest.approx((low, high), rel=1e-8)
+    assert loglog_fit([2, 8], [1.0, 0.25])[2] is None  # two points: no interval
+    assert loglog_fit([2, 8], [1.0, 0.25])[0] == pytest.approx(-1.0)  # exactly d^-1
+    for bad_dims, bad_values in (([2, 2], [1.0, 2.0]), ([2, 8], [1.0, 0.0]), ([2, 8], [1.0])):
+        with pytest.raises(ReportError, match="log-log"):
+            loglog_fit(bad_dims, bad_values)
+
+
+def _alignment_trial(kernel: str, dim: int, rep: int, rel_error: float, cosine: float) -> TrialResult:
+    metrics = {"rel_error": rel_error, "cosine": cosine, "abs_error": 2.0 * rel_error}
+    return TrialResult(f"{kernel}-{dim}-{rep}", {"kernel": kernel, DIM_AXIS: str(dim)}, "completed",
+                       rel_error, [(0, rel_error)], rep, metrics)
+
+
+def alignment_results() -> list[TrialResult]:
+    results = []
+    for rep, factor in enumerate((1.0, 1.3)):
+        for dim, error in zip(DIMS, ERRORS):
+            results.append(_alignment_trial("laplace", dim, rep, factor * error, 1 - error / 10))
+            # Gaussian: exact up to round-off; one exact zero that a log fit must leave out.
+            results.append(_alignment_trial("gaussian", dim, rep, 0.0 if dim == 2 else 1e-30, 1.0))
+    return results
+
+
+def test_scaling_fits_group_by_kernel_and_match_polyfit():
+    fits = {(f.group["kernel"], f.metric): f for f in scaling_fits(alignment_results(), ["kernel", DIM_AXIS],
+                                                                     ("abs_error", "rel_error"))}
+    laplace = fits[("laplace", "rel_error")]
+    values = ERRORS + [1.3 * e for e in ERRORS]
+    assert laplace.slope == pytest.approx(np.polyfit(np.log10(DIMS + DIMS), np.log10(values), 1)[0])
+    assert laplace.dims == DIMS and laplace.n_points == 10
+    assert laplace.means == pytest.approx([1.15 * e for e in ERRORS])  # mean of 1.0x and 1.3x
+    # abs_error = 2 x rel_error: same slope, intercept shifted by log10(2).
+    assert fits[("laplace", "abs_error")].slope == pytest.approx(laplace.slope)
+    assert fits[("laplace", "abs_error")].intercept == pytest.approx(laplace.intercept + np.log10(2))
+    gaussian = fits[("gaussian", "rel_error")]
+    assert gaussian.n_points == 8 and gaussian.dims == DIMS[1:]  # the zeros at d = 2 left out
+    assert gaussian.slope == pytest.approx(0.0, abs=1e-12)  # constant round-off: flat
+
+
+def test_alignment_summary_tables_and_figures(tmp_path):
+    results = alignment_results()
+    summary = summarize(results, ["kernel", DIM_AXIS], "rel_error", "min")
+    assert {(f.group["kernel"], f.metric) for f in summary.scaling} == {
+        (k, m) for k in ("gaussian", "laplace") for m in ("abs_error", "rel_error")}
+    extremes = dict((label, (low, high)) for label, low, high in dimension_extremes(results, ["kernel", DIM_AXIS],
+                                                                                     ("cosine",)))
+    low, high = extremes["kernel=laplace"]
+    assert low["cosine"] == pytest.approx(1 - ERRORS[0] / 10)  # d = 2 (same cosine in both replicates)
+    assert high["cosine"] == pytest.approx(1 - ERRORS[-1] / 10)  # d = 512
+    figures = plots.render_figures(summary, results, tmp_path)
+    assert (tmp_path / "error_vs_dim.png").exists() and (tmp_path / "alignment_diagnostics.png").exists()
+    text = render_markdown(summary, figures, tmp_path / "r.md", "t").read_text()
+    slope = next(f.slope for f in summary.scaling if f.group["kernel"] == "laplace" and f.metric == "rel_error")
+    assert "| kernel=laplace | rel_error | 2-512 |" in text and f"| {slope:.3f} |" in text
+    assert "error_vs_dim.png" in text
+    # A sweep without a dimension axis has no such tables or figures.
+    plain = summarize(fake_results(), AXES, "swd", "min")
+    assert plain.scaling == [] and plain.diagnostics == []
+    assert "error_vs_dim.png" not in {p.name for p in plots.render_figures(plain, fake_results(), tmp_path).values()}
