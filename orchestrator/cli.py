@@ -252,6 +252,8 @@ def report(
     out_dir: Annotated[Path, typer.Option("--out", help="directory for report.html/.md/.csv and plots")] = Path(
         "report"),
     attach: Annotated[bool, typer.Option(help="also log the report on the parent run")] = True,
+    threshold: Annotated[float | None, typer.Option(
+        help="steps-to-threshold level in metric units (default: the plan's objective.threshold)")] = None,
 ) -> None:
     """Ablation table of a sweep (main effects, best configuration) plus an HTML/Markdown report."""
     if tracking_uri is None:
@@ -261,7 +263,8 @@ def report(
             tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     from orchestrator.report import build_report
 
-    html = build_report(plan_or_run_id, tracking_uri=tracking_uri, out_dir=out_dir, attach=attach, console=console)
+    html = build_report(plan_or_run_id, tracking_uri=tracking_uri, out_dir=out_dir, attach=attach, console=console,
+                        threshold=threshold)
     console.print(f"report: {html}", highlight=False)
 
 

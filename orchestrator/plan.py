@@ -246,6 +246,11 @@ class Objective(_Strict):
 
     metric: str = Field("swd", description="a metric the workload reports, e.g. swd, fid, rel_error")
     mode: Literal["min", "max"] | None = Field(None, description="None = max for cosine/samples_per_s, else min")
+    threshold: float | None = Field(
+        None, allow_inf_nan=False,
+        description="report only: steps-to-threshold level in metric units (first step with metric <= it "
+        "for min, >= for max); None = no such table unless `driftsweep report --threshold` gives one",
+    )
 
     @property
     def direction(self) -> Literal["min", "max"]:
