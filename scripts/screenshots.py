@@ -37,6 +37,9 @@ INSTALL_HINT = "install it with `apt-get install -y chromium` (Debian's package;
 PAGE_TIMEOUT_S = 90.0
 POLL_S = 0.5
 VIEWPORT = (1440, 760)  # CSS pixels of the screenshots
+REPORT_VIEWPORT = (1200, 1500)  # the report's tables and its first plots
+RUN_NAME_COLUMN = "attributes.`Run Name`"
+COLUMN_WIDTH_PX = 170  # wide enough for a temperature set "[0.02, 0.05, 0.2]"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -96,8 +99,11 @@ class Chromium:
         page = next(t["targetId"] for t in targets if t["type"] == "page")
         self._session = self.call("Target.attachToTarget", targetId=page, flatten=True)["sessionId"]
         self.call("Page.enable")
-        self.call("Emulation.setDeviceMetricsOverride", width=viewport[0], height=viewport[1],
-                  deviceScaleFactor=1, mobile=False)
+        self.set_viewport(*viewport)
+
+    def set_viewport(self, width: int, height: int) -> None:
+        """Resize the page's viewport (CSS pixels, scale 1)."""
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def __enter__(self) -> Chromium:
         return self
@@ -218,8 +224,9 @@ def runs_view_state(parent_run_id: str, axis_names: list[str], metrics: list[str
 
     MLflow's UI keeps it in localStorage under `MLflowLocalStorage-1.1-ExperimentPage-<JSON of the
     sorted experiment ids>-ReactComponentState` (mlflow/server/js: LocalStorageUtils,
-    persistSearchState); column keys are `params.\\`name\\`` / `metrics.\\`name\\``
-    (makeCanonicalSortKey). The parent row is expanded so its child runs are listed.
+    persistSearchState); column ids are `params.\`name\`` / `metrics.\`name\``
+    (makeCanonicalSortKey), and widths apply to the columns listed in columnOrder. The parent row
+    is expanded so its child runs are listed.
 
     Args:
         parent_run_id: the sweep's parent run (expanded).
@@ -230,13 +237,9 @@ def runs_view_state(parent_run_id: str, axis_names: list[str], metrics: list[str
         The state object (partial: the UI fills in the rest with its defaults).
     """
     columns = [f"params.`axis.{name}`" for name in axis_names] + [f"metrics.`{m}`" for m in metrics]
-    return {"selectedColumns": columns, "runsExpanded": {parent_run_id: True}}
-
-
-def column_headers(browser: Chromium) -> list[str]:
-    """Texts of the rendered column headers of the page's grid (ARIA role columnheader)."""
-    return browser.evaluate(
-        "Array.from(document.querySelectorAll('[role=columnheader]')).map(e => e.innerText.trim())")
+    widths = {RUN_NAME_COLUMN: COLUMN_WIDTH_PX * 2, **{column: COLUMN_WIDTH_PX for column in columns}}
+    return {"selectedColumns": columns, "runsExpanded": {parent_run_id: True},
+            "columnOrder": list(widths), "columnWidths": widths}
 
 
 def close_assistant(browser: Chromium) -> bool:
@@ -314,10 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     server = _start_server(work, args.port)
     uri = f"http://127.0.0.1:{args.port}"
     try:
-        # A smaller quick plan: 2 kernels x 2 temperature sets, 200 steps (4 trials, ~1 min on 2 cores).
+        # A smaller quick plan: 2 kernels x 2 temperature sets, 200 steps evaluated every 50 (4 trials,
+        # about a minute on 2 cores).
         plan = yaml.safe_load((REPO / "examples" / "quick.yaml").read_text())
         plan["axes"].pop("anneal_rate")
-        plan["workload"]["total_steps"] = 200
+        plan["workload"].update(total_steps=200, eval_every_steps=50)
         plan["budget"]["max_trials"] = 4
         plan["tracking"]["uri"] = uri
         plan_path = work / "quick.yaml"
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(plan["name"])
         parent = client.search_runs([experiment.experiment_id], "tags.`driftsweep.plan_hash` != ''")[0]
-        state = runs_view_state(parent.info.run_id, list(plan["axes"]), [plan["objective"]["metric"]])
+        state = runs_view_state(parent.info.run_id, list(plan["axes"]), ["swd", "mmd", "fd"])
         with Chromium() as browser:
             open_experiment(browser, uri, experiment.experiment_id, state)
             browser.wait_for_texts([plan["name"], "kernel=gaussian", "axis.kernel"])
@@ -339,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(2)  # let the table take the freed width
             shots = [browser.screenshot(out / "mlflow-ui.png")]
             html = next((work / "report").glob("*.html"))
+            browser.set_viewport(*REPORT_VIEWPORT)
             browser.goto(html.as_uri())
-            browser.wait_for_texts(["kernel"])
+            browser.wait_for_texts(["Main effects", "kernel"])
+            browser.wait_for("Array.from(document.images).every(i => i.complete)", what="the report's plots")
             shots.append(browser.screenshot(out / "report.png"))
         for shot in shots:
             _shrink_png(shot)
