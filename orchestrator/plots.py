@@ -249,15 +249,16 @@ def render_figures(
         out_dir: existing output directory.
 
     Returns:
-        caption -> PNG path, in display order (the kernel comparison only when both kernels ran,
-        the alignment figures only for alignment plans).
+        caption -> PNG path, in display order (the curves only when some trial logged 2+ steps,
+        the kernel comparison only when both kernels ran, the alignment figures only for alignment
+        plans).
     """
-    figures = {
-        f"{summary.metric} vs step per axis level": plot_metric_vs_step(
+    figures = {}
+    if any(len(r.history) > 1 for r in results):  # a one-shot measurement (alignment) has no curve
+        figures[f"{summary.metric} vs step per axis level"] = plot_metric_vs_step(
             summary, results, out_dir / "metric_vs_step.png"
-        ),
-        "Main effects with confidence intervals": plot_main_effects(summary, out_dir / "main_effects.png"),
-    }
+        )
+    figures["Main effects with confidence intervals"] = plot_main_effects(summary, out_dir / "main_effects.png")
     kernels = plot_kernel_comparison(summary, out_dir / "laplace_vs_gaussian.png")
     if kernels is not None:
         figures["Laplace vs Gaussian"] = kernels

@@ -85,6 +85,8 @@ MLFLOW_PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # mlflow.envir
 DIM_AXIS = "alignment.dim"
 SCALING_METRICS = ("abs_error", "rel_error")
 ALIGNMENT_DIAGNOSTICS = ("cosine", "lambda_hat", "lambda_star", "lambda_ratio", "precond_spread")
+# Sample-quality metrics (workloads.train) shown per configuration next to the objective when logged.
+QUALITY_METRICS = ("swd", "mmd", "fd", "fid")
 
 
 class ReportError(DriftsweepError, ValueError):
@@ -237,6 +239,8 @@ class AblationSummary:
     scaling: list[ScalingFit] = field(default_factory=list)  # alignment plans: error vs d fits
     diagnostics: list[tuple[str, dict[str, float], dict[str, float]]] = field(default_factory=list)
     # alignment plans: (group label, metric -> mean at the smallest d, metric -> mean at the largest d)
+    quality: list[tuple[str, dict[str, float]]] = field(default_factory=list)
+    # per configuration (natural order): quality metric -> mean final value over its usable trials
 
     @property
     def best(self) -> ConfigStats:
@@ -416,7 +420,34 @@ def summarize(
         threshold_rows=[] if threshold is None else threshold_table(usable, axes, threshold, mode, confidence),
         scaling=scaling,
         diagnostics=diagnostics,
+        quality=quality_table(usable, axes),
     )
+
+
+def quality_table(results: Sequence[TrialResult], axes: Sequence[str]) -> list[tuple[str, dict[str, float]]]:
+    """Mean final value of each logged sample-quality metric (QUALITY_METRICS) per configuration.
+
+    Args:
+        results: usable trials (their `metrics` hold the last value of every logged metric).
+        axes: axis names.
+
+    Returns:
+        (configuration label, metric -> mean over the trials that logged it) in natural level
+        order; empty when no trial logged any quality metric (e.g. alignment sweeps).
+    """
+    by_config: dict[tuple[tuple[str, str], ...], list[TrialResult]] = defaultdict(list)
+    for r in results:
+        by_config[tuple((axis, r.axes.get(axis, "")) for axis in axes)].append(r)
+    rows = []
+    for key in sorted(by_config, key=lambda k: [level_sort_key(v) for _, v in k]):
+        means = {}
+        for metric in QUALITY_METRICS:
+            values = [r.metrics[metric] for r in by_config[key] if math.isfinite(r.metrics.get(metric, math.nan))]
+            if values:
+                means[metric] = float(np.mean(values))
+        if means:
+            rows.append((",".join(f"{a}={v}" for a, v in key), means))
+    return rows
 
 
 def steps_to_threshold(history: Sequence[tuple[int, float]], threshold: float, mode: Mode) -> int | None:
@@ -915,7 +946,7 @@ def _tables(summary: AblationSummary) -> list[_TableData]:
 
 
 def _experiment_tables(summary: AblationSummary) -> list[_TableData]:
-    """The steps-to-threshold and alignment tables, when the summary has them."""
+    """The steps-to-threshold, sample-quality and alignment tables, when the summary has them."""
     ci = f"{summary.confidence:.0%} CI"
     tables = []
     if summary.threshold is not None:
@@ -958,6 +989,15 @@ def _experiment_tables(summary: AblationSummary) -> list[_TableData]:
                     ]
                     for fit in summary.scaling
                 ],
+            )
+        )
+    if summary.quality:
+        names = [m for m in QUALITY_METRICS if any(m in means for _, means in summary.quality)]
+        tables.append(
+            _TableData(
+                "Sample-quality metrics per configuration (mean of the final values over replicates)",
+                ["configuration", *names],
+                [[label, *(_fmt(means.get(m)) for m in names)] for label, means in summary.quality],
             )
         )
     if summary.diagnostics:
@@ -1004,13 +1044,13 @@ def report_table(summary: AblationSummary) -> Table:
 
 
 def experiment_tables(summary: AblationSummary) -> list[Table]:
-    """The terminal view of the steps-to-threshold and error-vs-dimension tables (if any).
+    """The terminal view of the steps-to-threshold, sample-quality and error-vs-dimension tables (if any).
 
     Args:
         summary: from `summarize`.
 
     Returns:
-        rich Tables (empty when the sweep has neither a threshold nor an alignment.dim axis).
+        rich Tables (empty when the summary has none of them).
     """
     tables = []
     for data in _experiment_tables(summary):

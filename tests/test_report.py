@@ -618,6 +618,7 @@ def test_alignment_summary_tables_and_figures(tmp_path):
     assert high["cosine"] == pytest.approx(1 - ERRORS[-1] / 10)  # d = 512
     figures = plots.render_figures(summary, results, tmp_path)
     assert (tmp_path / "error_vs_dim.png").exists() and (tmp_path / "alignment_diagnostics.png").exists()
+    assert "metric_vs_step.png" not in {p.name for p in figures.values()}  # one step per trial: no curve
     text = render_markdown(summary, figures, tmp_path / "r.md", "t").read_text()
     slope = next(f.slope for f in summary.scaling if f.group["kernel"] == "laplace" and f.metric == "rel_error")
     assert "| kernel=laplace | rel_error | 2-512 |" in text and f"| {slope:.3f} |" in text
@@ -626,3 +627,19 @@ def test_alignment_summary_tables_and_figures(tmp_path):
     plain = summarize(fake_results(), AXES, "swd", "min")
     assert plain.scaling == [] and plain.diagnostics == []
     assert "error_vs_dim.png" not in {p.name for p in plots.render_figures(plain, fake_results(), tmp_path).values()}
+
+
+def test_quality_metrics_per_configuration(tmp_path):
+    def trial(name, kernel, swd, mmd):
+        return TrialResult(name, {"kernel": kernel}, "completed", swd, [(100, swd)], 0,
+                           {"swd": swd, "mmd": mmd, "loss": 9.0})
+
+    results = [trial("a", "laplace", 0.2, 0.01), trial("b", "laplace", 0.4, 0.03), trial("c", "gaussian", 0.3, 0.02),
+               TrialResult("d", {"kernel": "gaussian"}, "failed", 5.0, [(100, 5.0)], 1, {"swd": 5.0, "mmd": 1.0})]
+    summary = summarize(results, ["kernel"], "swd", "min")
+    # Natural order (gaussian < laplace); the failed trial is not averaged; loss is not a quality metric.
+    assert summary.quality == [("kernel=gaussian", {"swd": 0.3, "mmd": 0.02}),
+                               ("kernel=laplace", {"swd": pytest.approx(0.3), "mmd": pytest.approx(0.02)})]
+    text = render_markdown(summary, {}, tmp_path / "r.md", "t").read_text()
+    assert "| configuration | swd | mmd |" in text and "| kernel=gaussian | 0.3 | 0.02 |" in text
+    assert summarize(fake_results(), AXES, "swd", "min").quality == []  # no metrics logged
