@@ -5,14 +5,14 @@ Shrinking: the shipped YAML is loaded, a few sizes are overridden (fewer dims/st
 replicate), the plan is validated again and expanded with `expand_trials`, and every trial config runs
 through `workloads.run_workload` directly (no Ray): the same configs `driftsweep run` would schedule.
 
-"Untrained generator": the same trial config with total_steps = 1 and optim.lr = 1e-12, so its single
-AdamW step moves each weight by about 1e-12 (Adam's step is ~lr per weight): the evaluation sees the
-initial weights of that seed.
+"Untrained generator": scripts/make_results.py's `untrained_metrics` (the generator at its initial
+weights, evaluated on the trained run's evaluation set).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 from pathlib import Path
 
@@ -24,6 +24,14 @@ from orchestrator.cli import app
 from orchestrator.plan import count_trials, expand_trials, load_plan, parse_plan
 from orchestrator.report import loglog_fit, steps_to_threshold
 from workloads import run_workload
+
+# The untrained-generator evaluation lives in the results script (docs/results/*/untrained.csv); the
+# tests use the same function.
+_spec = importlib.util.spec_from_file_location(
+    "make_results", Path(__file__).resolve().parent.parent / "scripts" / "make_results.py")
+make_results = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_results)
+untrained = make_results.untrained_metrics
 
 PAPER_DIR = Path(__file__).resolve().parent.parent / "examples" / "paper"
 PLAN_NAMES = ("alignment", "toys", "annealing", "sinkhorn", "digits")
@@ -55,13 +63,6 @@ def history(config, metric: str) -> list[tuple[int, float]]:
     points: list[tuple[int, float]] = []
     run_workload(config, lambda step, metrics: points.append((step, metrics[metric])))
     return points
-
-
-def untrained(config) -> dict[str, float]:
-    """Metrics of the generator at its initial weights (see the module docstring)."""
-    frozen = config.model_copy(update={"total_steps": 1, "eval_every_steps": 1})
-    frozen.optim = frozen.optim.model_copy(update={"lr": 1e-12})
-    return final_metrics(frozen)
 
 
 # ---------------------------------------------------------------------------------------------
