@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from conftest import EVAL_STEPS, TINY_WORKLOAD, free_port
 from orchestrator import runner
 from orchestrator.artifacts import (
+    ALIGNMENT_ARTIFACT,
     CONFIG_ARTIFACT,
     TrialArtifacts,
     alignment_fields,
@@ -23,6 +24,7 @@ from orchestrator.artifacts import (
     image_grid,
     plot_steps,
     sample_artifact_name,
+    scatter_figure,
 )
 from orchestrator.errors import TrackingUnreachableError
 from orchestrator.plan import load_plan
@@ -138,6 +140,22 @@ def test_image_samples_become_a_grid(client_and_run, tmp_path):
     config = WorkloadConfig(data={"name": "digits"}, batch_size=64, total_steps=10, eval_every_steps=10)
     assert TrialArtifacts(client, run_id, config, "digits").on_samples(10, torch.rand(70, 1, 8, 8) * 2 - 1)
     assert _png_size(Path(client.download_artifacts(run_id, sample_artifact_name(10), str(tmp_path)))) == (450, 450)
+
+
+def test_scatter_of_higher_dimensional_samples_uses_the_first_two_coordinates():
+    generated, data = torch.randn(30, 5), torch.randn(40, 5)
+    axes = scatter_figure(generated, data, "d5").axes[0]
+    data_points, generated_points = (c.get_offsets() for c in axes.collections)
+    assert (generated_points == generated[:, :2].numpy()).all() and (data_points == data[:, :2].numpy()).all()
+    assert axes.get_title() == "d5 (coordinates 1-2 of 5)"
+
+
+def test_alignment_trial_gets_its_quiver(client_and_run, tmp_path):
+    client, run_id = client_and_run
+    config = WorkloadConfig(task="alignment", alignment={"dim": 4, "num_ref": 256, "num_query": 32})
+    assert TrialArtifacts(client, run_id, config, "alignment").log_alignment({"cosine": 0.9, "rel_error": 0.1})
+    png = Path(client.download_artifacts(run_id, ALIGNMENT_ARTIFACT, str(tmp_path)))
+    assert _png_size(png) == (550, 500)  # 5.5 x 5.0 in at 100 dpi
 
 
 def test_artifact_failure_is_a_warning_not_an_error(client_and_run, caplog):
