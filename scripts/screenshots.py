@@ -18,6 +18,7 @@ import base64
 import fcntl
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,9 @@ class Chromium:
         while b"\0" not in self._buffer:
             if time.monotonic() > deadline or self.process.poll() is not None:
                 raise BrowserError(f"Chromium did not answer (exit code {self.process.poll()})")
+            # Wait at most a second per read so a hung browser still hits the deadline.
+            if not select.select([self._from_browser], [], [], 1.0)[0]:
+                continue
             chunk = os.read(self._from_browser, 1 << 16)
             if not chunk:
                 raise BrowserError("Chromium closed the DevTools pipe")
@@ -205,14 +209,9 @@ class Chromium:
             raise BrowserError(f"page never showed {missing}; it shows: {body[:600]!r}") from None
         return self.evaluate("document.body.innerText")
 
-    def screenshot(self, path: str | os.PathLike, full_page: bool = False) -> Path:
-        """Save a PNG screenshot of the viewport (or of the whole page)."""
-        params: dict = {"format": "png"}
-        if full_page:
-            width, height = self.evaluate("[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
-            params.update(captureBeyondViewport=True,
-                          clip={"x": 0, "y": 0, "width": width, "height": height, "scale": 1})
-        data = base64.b64decode(self.call("Page.captureScreenshot", **params)["data"])
+    def screenshot(self, path: str | os.PathLike) -> Path:
+        """Save a PNG screenshot of the viewport."""
+        data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
