@@ -241,6 +241,12 @@ def runs_view_state(parent_run_id: str, axis_names: list[str], metrics: list[str
             "columnOrder": list(widths), "columnWidths": widths}
 
 
+def column_headers(browser: Chromium) -> list[str]:
+    """Texts of the rendered column headers of the page's grid (ARIA role columnheader)."""
+    return browser.evaluate(
+        "Array.from(document.querySelectorAll('[role=columnheader]')).map(e => e.innerText.trim())")
+
+
 def close_assistant(browser: Chromium) -> bool:
     """Close MLflow 3's assistant chat panel (it opens by itself on a first visit) if it is shown.
 
