@@ -35,7 +35,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.budget import GpuHoursStopper
-from orchestrator.errors import ClusterUnreachableError, DriftsweepError
+from orchestrator.errors import ClusterUnreachableError, DriftsweepError, TrackingUnreachableError
 from orchestrator.plan import (
     expand_trials,
     mask_uri,
@@ -54,6 +54,7 @@ from orchestrator.pruning import (
 )
 from orchestrator.tracking import (
     PLAN_HASH_TAG,
+    RetryingClient,
     child_runs,
     create_parent_run,
     end_run,
@@ -319,13 +320,18 @@ class SweepCallback(Callback):
             self._live.start()
 
     def _child(self, trial: TuneTrial):
-        client = MlflowClient(_ACTIVE["tracking_uri"])
-        found = client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
-            f"and tags.ray_trial_id = '{trial.trial_id}'",
-            max_results=1,
-        )
+        client = RetryingClient(_ACTIVE["tracking_uri"], mask_uri(_ACTIVE["tracking_uri"]))
+        try:
+            found = client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
+                f"and tags.ray_trial_id = '{trial.trial_id}'",
+                max_results=1,
+            )
+        except TrackingUnreachableError:
+            # Raising in a callback aborts Tune with a traceback; _reconcile sets the status at the end
+            # (or reports the outage in one line).
+            return client, None
         return client, (found[0] if found else None)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -543,7 +549,7 @@ def run_sweep(plan, plan_path: str | os.PathLike, *, resume: bool = False, conso
     try:
         check_resources(plan)
         # -- 2. parent run and sweep state.
-        client = MlflowClient(tracking_uri)
+        client = RetryingClient(tracking_uri, masked_uri)
         experiment_id = ensure_experiment(client, resolve_experiment(plan))
         trials = _planned_trials(plan)
         n_total = len(trials) or plan.design.n_trials
@@ -690,7 +696,7 @@ def sweep_status(plan) -> SweepSummary:
         return SweepSummary(n_total=0, tracking_uri=masked_uri, experiment_name=resolve_experiment(plan),
                             message=f"no sweep named {plan.name!r} has been started")
     preflight_tracking(tracking_uri, masked_uri)
-    client = MlflowClient(tracking_uri)
+    client = RetryingClient(tracking_uri, masked_uri)
     summary = _summary_from_runs(plan, client, state["experiment_id"], state["parent_run_id"],
                                  state["n_total"], masked_uri)
     summary.stopped_reason = state.get("stopped_reason")

@@ -13,6 +13,15 @@ Run layout (fixed; tests and `driftsweep status/report` read it):
 
 Child runs are created INSIDE the trial process (works on multi-node clusters with a server URI) and
 looked up by (parent run id, `trial_id` tag) first, so a retried or restored trial reuses its run.
+
+Tracking server outages (http/https URIs): every client call goes through `RetryingClient`, which
+retries transient failures (connection refused/reset, timeouts, HTTP 429 and 5xx) with exponential
+backoff for at most `retry_window_s()` seconds (default 120, env DRIFTSWEEP_TRACKING_RETRY_S), then
+raises TrackingUnreachableError (one line). MLflow's own per-request retries are turned off
+deliberately (see `configure_mlflow_http`) so that this window is the only retry layer and the bound
+is exact: a call gives up at most `window + MLFLOW_HTTP_REQUEST_TIMEOUT` (20 s) after its first
+failure. Retried calls are idempotent: a metric batch is resent with the same timestamps (the server
+drops exact duplicates) and a child run is looked up before it is (re)created.
 """
 
 from __future__ import annotations
@@ -21,17 +30,19 @@ import json
 import math
 import os
 import socket
+import random
 import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import TrackingUnreachableError
@@ -48,6 +59,23 @@ VERSIONED_PACKAGES = ("driftsweep", "torch", "ray", "optuna", "mlflow")
 # MLflow log_batch limits per call (mlflow/utils/validation.py MAX_PARAMS_TAGS_PER_BATCH etc.).
 MAX_PARAMS_PER_BATCH = 100
 HEALTH_TIMEOUT_S = 5.0
+# Retry window (seconds) of a tracking call against an unreachable server; covers a server restart
+# (measured: a PostgreSQL-backed `mlflow server` answers again ~10-30 s after it is started).
+RETRY_WINDOW_ENV = "DRIFTSWEEP_TRACKING_RETRY_S"
+DEFAULT_RETRY_WINDOW_S = 120.0
+# Backoff between attempts in seconds: 0.5, 1, 2, 4, 8, 8, ... (+ up to 10 % jitter).
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 8.0
+# MLflow's HTTP client settings, set unless the user set them (mlflow/environment_variables.py):
+# MLflow 3.17 defaults to 7 urllib3 retries with backoff 2 s * 2^n (capped at 120 s), i.e. ~4 min
+# on a refused connection, and a 120 s timeout per attempt (up to ~16 min on a hung server).
+MLFLOW_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+RETRIED_HTTP_STATUS = (429, 500, 502, 503, 504)
+
+T = TypeVar("T")
+# Tracking URIs whose server a call of this process gave up on: later calls try once, without a new
+# wait, until one succeeds (a trial or driver already failing over an outage does not wait again).
+_GAVE_UP_URIS: set[str] = set()
 
 
 def ui_hint(tracking_uri: str) -> str:
@@ -104,6 +132,128 @@ def preflight_tracking(tracking_uri: str, masked_uri: str, timeout_s: float = HE
             f"tracking.uri={masked_uri}: directory {directory} does not exist or is not writable; "
             "create it or point tracking.uri at a writable location"
         )
+
+
+def retry_window_s() -> float:
+    """Seconds a tracking call retries an unreachable server: env DRIFTSWEEP_TRACKING_RETRY_S, else 120.
+
+    Raises:
+        ValueError: the variable is not a non-negative number.
+    """
+    text = os.environ.get(RETRY_WINDOW_ENV)
+    if text is None:
+        return DEFAULT_RETRY_WINDOW_S
+    try:
+        window_s = float(text)
+    except ValueError:
+        window_s = -1.0
+    if not math.isfinite(window_s) or window_s < 0:
+        raise ValueError(f"{RETRY_WINDOW_ENV}={text!r}: use a number of seconds >= 0")
+    return window_s
+
+
+def configure_mlflow_http() -> None:
+    """Turn MLflow's own per-request retries off and cap one request at 20 s (unless the user set
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT): RetryingClient does the retrying.
+    MLflow reads these variables at every request, so this takes effect for the whole process."""
+    for name, value in MLFLOW_HTTP_SETTINGS.items():
+        os.environ.setdefault(name, value)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a failure worth retrying: the server did not answer, or answered 429/5xx.
+
+    MLflow's REST client raises RestException for an error the server returned (4xx = our request is
+    wrong: not retried) and a plain MlflowException when the request itself failed (connection,
+    timeout, a non-JSON 5xx page from a proxy).
+    """
+    if isinstance(exc, RestException):
+        return exc.get_http_status_code() in RETRIED_HTTP_STATUS
+    return isinstance(exc, (MlflowException, OSError))
+
+
+def failure_kind(exc: BaseException) -> str:
+    """A short name of a failed request: "HTTP 503", or the transport error's type ("ConnectionError")."""
+    if isinstance(exc, RestException):
+        return f"HTTP {exc.get_http_status_code()}"
+    root = exc.__cause__ or exc.__context__ or exc
+    return type(root).__name__
+
+
+class RetryingClient:
+    """An MlflowClient whose every method call retries transient failures of a tracking server.
+
+    For http/https URIs a call that keeps failing is retried with backoff (0.5 s doubling to 8 s)
+    until `window_s` seconds have passed since its first failure, then raises
+    TrackingUnreachableError; the wait is therefore at most window_s + one request timeout (20 s,
+    `configure_mlflow_http`). After a call gave up, later calls to the same URI in this process try
+    once (no new wait) until one succeeds, so a process that already waited does not wait again on its
+    way out (ending the run FAILED, the driver's status updates). Other stores (sqlite, file,
+    database URIs) are called once, their errors unchanged.
+
+    Args:
+        tracking_uri: the real URI (may hold credentials).
+        masked_uri: the URI for messages (credentials masked); default: tracking_uri.
+        window_s: retry window in seconds; default: retry_window_s().
+    """
+
+    def __init__(self, tracking_uri: str, masked_uri: str | None = None, window_s: float | None = None):
+        remote = urllib.parse.urlparse(tracking_uri).scheme in ("http", "https")
+        if remote:
+            configure_mlflow_http()
+        self.raw = MlflowClient(tracking_uri)
+        self.masked_uri = masked_uri or tracking_uri
+        self.window_s = (retry_window_s() if window_s is None else window_s) if remote else 0.0
+        self.remote = remote
+        self._uri = tracking_uri
+
+    def call(self, fn: Callable[[MlflowClient], T], what: str) -> T:
+        """Run `fn(raw MlflowClient)` under the retry policy; `fn` must be safe to repeat.
+
+        Args:
+            fn: the MLflow call(s) to make.
+            what: what is being done, for the error message (e.g. "log_batch").
+
+        Returns:
+            What `fn` returned.
+
+        Raises:
+            TrackingUnreachableError: the server stayed unreachable for the whole window.
+            MlflowException: a non-transient error (e.g. the run does not exist).
+        """
+        first_failure = None
+        backoff_s = FIRST_BACKOFF_S
+        while True:
+            try:
+                result = fn(self.raw)
+            except Exception as exc:  # noqa: BLE001 - classified just below
+                if not self.remote or not is_transient(exc):
+                    raise
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                waited_s = now - first_failure
+                if self._uri in _GAVE_UP_URIS or waited_s >= self.window_s:
+                    _GAVE_UP_URIS.add(self._uri)
+                    raise TrackingUnreachableError(
+                        f"tracking.uri={self.masked_uri} did not answer {what} for {waited_s:.0f} s "
+                        f"({failure_kind(exc)}; retry window {self.window_s:g} s, env {RETRY_WINDOW_ENV}); "
+                        "start the server, then `driftsweep resume` the plan"
+                    ) from None
+                time.sleep(min(backoff_s * (1 + 0.1 * random.random()), self.window_s - waited_s))
+                backoff_s = min(2 * backoff_s, MAX_BACKOFF_S)
+            else:
+                _GAVE_UP_URIS.discard(self._uri)
+                return result
+
+    def __getattr__(self, name: str):
+        method = getattr(self.raw, name)
+        if not callable(method):
+            return method
+
+        def retried(*args, **kwargs):
+            return self.call(lambda raw: getattr(raw, name)(*args, **kwargs), name)
+
+        return retried
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -248,32 +398,35 @@ class ChildRun:
         params: Mapping[str, str],
         tags: Mapping[str, str],
     ):
-        self.client = MlflowClient(tracking_uri)
-        existing = find_child_run(self.client, experiment_id, parent_run_id, trial_id)
+        self.client = RetryingClient(tracking_uri)
         all_tags = {PARENT_TAG: parent_run_id, TRIAL_ID_TAG: trial_id, **tags}
         self.finished_metrics: dict[str, float] | None = None
-        if existing is not None and existing.info.status == RunStatus.to_string(RunStatus.FINISHED):
+
+        def find_or_create(raw: MlflowClient) -> tuple[Any, bool]:
+            # One retried unit: a create_run whose answer was lost is found, not created twice.
+            existing = find_child_run(raw, experiment_id, parent_run_id, trial_id)
+            if existing is not None:
+                return existing, False
+            return raw.create_run(experiment_id, run_name=run_name, tags=all_tags), True
+
+        run, created = self.client.call(find_or_create, "create_run")
+        self.run_id = run.info.run_id
+        self.reused = not created
+        self.last_logged_step = -1 if created else int(run.data.tags.get(LAST_STEP_TAG, -1))
+        if not created and run.info.status == RunStatus.to_string(RunStatus.FINISHED):
             # The trial already ran to the end (a driver killed before Tune saved that): left as is.
-            self.run_id = existing.info.run_id
-            self.last_logged_step = int(existing.data.tags.get(LAST_STEP_TAG, -1))
-            self.reused = True
-            self.finished_metrics = dict(existing.data.metrics)
-        elif existing is None:
-            run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-            self.run_id = run.info.run_id
-            log_params(self.client, self.run_id, params)
-            self.last_logged_step = -1
-            self.reused = False
-        else:
+            self.finished_metrics = dict(run.data.metrics)
+            return
+        if not created:
             # A retried/restored trial: same run, back to RUNNING, stale outcome tags removed.
-            self.run_id = existing.info.run_id
-            self.last_logged_step = int(existing.data.tags.get(LAST_STEP_TAG, -1))
-            self.reused = True
             self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             for stale in ("error", "pruned", "stopped_reason"):
-                if stale in existing.data.tags:
+                if stale in run.data.tags:
                     self.client.delete_tag(self.run_id, stale)
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
+        # Also on reuse: an earlier attempt may have lost the server between create_run and its params
+        # (logging a param again with the same value is allowed).
+        log_params(self.client, self.run_id, params)
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> bool:
         """Log one evaluation's metrics at `step` (one log_batch call).
