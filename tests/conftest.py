@@ -111,6 +111,38 @@ def postgres_uri():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def start_mlflow_server(backend_uri: str, port: int, root: Path) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port (served artifacts under root, log in root/server.log), in its
+    own process group: it runs uvicorn as a child process, and a kill must reach both.
+
+    Returns:
+        The server process (not yet answering: see wait_for_server).
+    """
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(root / "server.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", backend_uri, "--serve-artifacts",
+             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True,
+        )
+
+
+def wait_for_server(uri: str, process: subprocess.Popen, root: Path, timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
+    """Wait until the server at `uri` answers /health; fail the test with its log if it dies or times out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(postgres_uri):
     """`mlflow server` on 127.0.0.1 with the PostgreSQL backend store and served artifacts.
@@ -120,27 +152,10 @@ def mlflow_server(postgres_uri):
     """
     root = Path(tempfile.mkdtemp(prefix="mlfs_", dir="/tmp"))
     port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(root / "server.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", postgres_uri, "--serve-artifacts",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
-    )
+    process = start_mlflow_server(postgres_uri, port, root)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_for_server(uri, process, root)
         yield uri
     finally:
         process.terminate()
@@ -148,5 +163,21 @@ def mlflow_server(postgres_uri):
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
-        log.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def fresh_database(postgres_uri):
+    """A new, empty database in the session's PostgreSQL (its own MLflow store, for one test module).
+
+    Returns:
+        Its SQLAlchemy URI.
+    """
+    import sqlalchemy
+
+    name = f"t{os.getpid()}_{time.monotonic_ns()}"
+    engine = sqlalchemy.create_engine(postgres_uri, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return postgres_uri.replace("/mlflow?", f"/{name}?")

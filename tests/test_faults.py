@@ -1,0 +1,370 @@
+"""Faults injected for real: a worker node killed mid-trial, the MLflow server restarted mid-sweep,
+and the MLflow server gone for good.
+
+Each test reads its outcome back from MLflow (the user's record) and from Ray Tune's own per-trial
+result log (what the trial process actually reported), so a trial that silently restarted from step 0
+cannot pass: MLflow skips steps it already has, but Tune's log would show them reported twice.
+
+With env DRIFTSWEEP_FAULT_COUNTS=<file>, each test appends its counts (fault kind, trials lost,
+duplicate runs, orphan RUNNING runs) as a JSON line; scripts/fault_table.py runs them and prints the
+table of the closing note.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from ray.cluster_utils import Cluster
+
+from conftest import TINY_WORKLOAD, free_port, start_mlflow_server, wait_for_server
+from orchestrator.artifacts import plot_steps
+from orchestrator.errors import TrackingUnreachableError
+from orchestrator.tracking import RetryingClient
+
+REPO = Path(__file__).resolve().parents[1]
+DOWN_S = 8.0  # how long the MLflow server stays down before it is started again
+RETRY_WINDOW_S = 5.0  # DRIFTSWEEP_TRACKING_RETRY_S of the server-down-for-good sweep
+COUNTS_ENV = "DRIFTSWEEP_FAULT_COUNTS"
+# Dead-node detection in seconds instead of Ray's default ~30 s (health check every 1 s, 3 misses).
+FAST_HEALTH_CHECK = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 1000,
+    "health_check_failure_threshold": 3,
+}
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, **popen) -> subprocess.Popen:
+    """`driftsweep ARGS` as its own process (the real entry point, its real exit code)."""
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=cwd,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+def sweep_runs(client: MlflowClient, experiment_name: str) -> tuple[list, list]:
+    """(parent runs, child runs) of an experiment."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return [], []
+    runs = client.search_runs([experiment.experiment_id])
+    return ([r for r in runs if "mlflow.parentRunId" not in r.data.tags],
+            [r for r in runs if "mlflow.parentRunId" in r.data.tags])
+
+
+def tune_reported_steps(experiment_dir: Path) -> dict[str, list[int]]:
+    """Tune's record of what each trial process reported: {trial dir name: [step, ...]} in order.
+
+    result.json is written by the driver (Tune's JSON logger), one line per tune.report, across
+    restores of the trial; a restart from step 0 would show its early steps twice.
+    """
+    reported = {}
+    for result_file in experiment_dir.glob("*/result.json"):
+        lines = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        reported[result_file.parent.name] = [int(line["step"]) for line in lines]
+    return reported
+
+
+def record_counts(kind: str, *, trials_lost: int, duplicate_runs: int, orphan_running: int) -> None:
+    """Append this injection's counts to $DRIFTSWEEP_FAULT_COUNTS (when set) for the fault table."""
+    path = os.environ.get(COUNTS_ENV)
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps({"fault": kind, "trials_lost": trials_lost, "duplicate_runs": duplicate_runs,
+                                  "orphan_running": orphan_running}) + "\n")
+
+
+def outcome_counts(children: list, trial_ids: set[str]) -> dict[str, int]:
+    """Trials lost (planned but without a FINISHED run), duplicate runs, runs left RUNNING."""
+    per_trial: dict[str, int] = {}
+    for child in children:
+        per_trial[child.data.tags["trial_id"]] = per_trial.get(child.data.tags["trial_id"], 0) + 1
+    finished = {c.data.tags["trial_id"] for c in children if c.info.status == "FINISHED"}
+    return {
+        "trials_lost": len(trial_ids - finished),
+        "duplicate_runs": sum(n - 1 for n in per_trial.values()),
+        "orphan_running": sum(c.info.status == "RUNNING" for c in children),
+    }
+
+
+# ---------------------------------------------------------------- worker node death
+
+
+@pytest.fixture
+def three_node_cluster():
+    """Head with 0 CPUs (so every trial runs on a worker) + 2 workers of 1 CPU, fast dead-node detection."""
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH_CHECK})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, {node.node_id: node for node in workers}
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_worker_node_death_resumes_trial_from_checkpoint_elsewhere(three_node_cluster, mlflow_server, write_plan,
+                                                                    tmp_cwd):
+    """Kill (ungracefully) the node of a trial that has checkpointed: the trial is restored from that
+    checkpoint on the other node, in the same MLflow child run, and every trial finishes."""
+    cluster, workers = three_node_cluster
+    eval_steps = list(range(40, 321, 40))
+    name = f"node-death-{tmp_cwd.name[-8:]}".lower()
+    path = write_plan(
+        name, {"kernel": ["laplace", "gaussian"]},
+        failure={"max_retries": 1},
+        resources={"cpus_per_trial": 1, "max_concurrent": 2},
+        tracking={"uri": mlflow_server},
+        cluster={"address": cluster.address, "storage_path": str(tmp_cwd / "tune")},
+        workload={**TINY_WORKLOAD, "total_steps": eval_steps[-1], "eval_every_steps": 40},
+    )
+    client = MlflowClient(mlflow_server)
+    driver = run_cli("run", str(path), cwd=tmp_cwd)
+    victim = None
+    try:
+        deadline = time.monotonic() + 240
+        while victim is None and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.5)
+            for child in sweep_runs(client, name)[1]:
+                last_step = int(child.data.tags.get("last_step", -1))
+                # Checkpointed (every eval step) and far from the end: the kill lands mid-trial.
+                if child.info.status == "RUNNING" and eval_steps[0] <= last_step <= eval_steps[-3]:
+                    victim = child
+                    break
+        assert victim is not None, "no trial reached a checkpointed step in time"
+        killed_node_id = victim.data.tags["node_id"]
+        killed_at_step = int(victim.data.tags["last_step"])
+        cluster.remove_node(workers[killed_node_id], allow_graceful=False)
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 0, stderr[-2000:]
+
+    parents, children = sweep_runs(client, name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    counts = outcome_counts(children, {"t0000", "t0001"})
+    record_counts("worker node death", **counts)
+    assert counts == {"trials_lost": 0, "duplicate_runs": 0, "orphan_running": 0}
+    assert len(children) == 2
+    restored = next(c for c in children if c.data.tags["trial_id"] == victim.data.tags["trial_id"])
+    assert restored.info.run_id == victim.info.run_id
+    # The restored attempt ran on the surviving worker and re-tagged the run with it.
+    assert restored.data.tags["node_id"] != killed_node_id and restored.data.tags["node_id"] in workers
+    for child in children:
+        assert child.info.status == "FINISHED", child.data.tags.get("error")
+        assert [m.step for m in sorted(client.get_metric_history(child.info.run_id, "swd"),
+                                       key=lambda m: m.timestamp)] == eval_steps
+
+    # What the trial processes reported to Tune: the restored trial went on from its last checkpointed
+    # step, not from step 0, so no step was reported twice.
+    reported = tune_reported_steps(tmp_cwd / "tune" / name)
+    steps = reported[restored.info.run_name]
+    assert steps == sorted(set(steps)) and steps[-1] == eval_steps[-1]
+
+
+# ---------------------------------------------------------------- MLflow server restart / down for good
+
+
+def test_retrying_client_gives_up_after_its_window_then_fails_fast():
+    """Nothing listens on the port: the call retries for the window, then one line; the next call to
+    the same URI fails at once instead of waiting again."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    client = RetryingClient(uri, window_s=1.5)
+    started = time.monotonic()
+    with pytest.raises(TrackingUnreachableError) as info:
+        client.search_experiments(max_results=1)
+    waited_s = time.monotonic() - started
+    assert 1.5 <= waited_s < 1.5 + 5  # the window, plus the last (refused, instant) attempt
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"tracking.uri={uri} did not answer search_experiments")
+    assert "ConnectionError" in message and "driftsweep resume" in message
+    started = time.monotonic()
+    with pytest.raises(TrackingUnreachableError):
+        RetryingClient(uri, window_s=1.5).get_experiment("0")
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_retrying_client_does_not_retry_a_request_error(server):
+    """A 4xx answer (the run does not exist) is the caller's error: raised at once, not retried."""
+    from mlflow.exceptions import RestException
+
+    started = time.monotonic()
+    with pytest.raises(RestException, match="RESOURCE_DOES_NOT_EXIST|not found"):
+        RetryingClient(server.uri, window_s=30).get_run("0" * 32)
+    assert time.monotonic() - started < 5
+
+
+class Server:
+    """A PostgreSQL-backed `mlflow server` on a fixed 127.0.0.1 port that the test kills and restarts."""
+
+    def __init__(self, backend_uri: str):
+        self.backend_uri = backend_uri
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.root = Path(tempfile.mkdtemp(prefix="mlfr_", dir="/tmp"))
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start it (again) on the same port, unless it is running; return once it answers."""
+        if self.process is None or self.process.poll() is not None:
+            self.process = start_mlflow_server(self.backend_uri, self.port, self.root)
+        wait_for_server(self.uri, self.process, self.root)
+
+    def kill(self) -> None:
+        """SIGKILL the server and its uvicorn child (its own process group): no graceful shutdown."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def module_server(fresh_database):
+    """One Server on its own database for this module (a server start costs ~15 s); killed at the end."""
+    control = Server(fresh_database)
+    yield control
+    control.kill()
+
+
+@pytest.fixture
+def server(module_server):
+    """The module's Server, running."""
+    module_server.start()
+    return module_server
+
+
+def wait_for_running_step(client: MlflowClient, name: str, min_step: int, driver: subprocess.Popen,
+                          timeout_s: float = 240):
+    """The first RUNNING child run of experiment `name` that has logged step >= min_step."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+        for child in sweep_runs(client, name)[1]:
+            if child.info.status == "RUNNING" and int(child.data.tags.get("last_step", -1)) >= min_step:
+                return child
+    raise AssertionError(f"no trial of {name} reached step {min_step} (driver exit {driver.poll()})")
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_mlflow_server_restart_mid_sweep_loses_no_metric(server, write_plan, tmp_cwd):
+    """Kill the tracking server while trials log, keep it down, start it again on the same port: every
+    step each trial reported to Tune is in MLflow exactly once, including those logged during the outage."""
+    total_steps, every = 300, 15
+    eval_steps = list(range(every, total_steps + 1, every))
+    # Kill just after a step whose successor is not a sample-plot step: the trial's next tracking call
+    # is then a metric batch stamped during the outage (a plot upload would block before the stamp).
+    plotted = plot_steps(total_steps, every)
+    kill_after = {step for step in eval_steps[:-5] if step + every not in plotted}
+    name = "server-restart"
+    path = write_plan(
+        name, {"kernel": ["laplace", "gaussian"]},
+        resources={"cpus_per_trial": 1, "max_concurrent": 2},
+        tracking={"uri": server.uri}, cluster={"storage_path": str(tmp_cwd / "tune")},
+        workload={**TINY_WORKLOAD, "total_steps": total_steps, "eval_every_steps": every},
+    )
+    client = MlflowClient(server.uri)
+    driver = run_cli("run", str(path), cwd=tmp_cwd)
+    try:
+        seen: dict[str, int] = {}
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.1)
+            steps = {c.info.run_id: int(c.data.tags.get("last_step", -1))
+                     for c in sweep_runs(client, name)[1] if c.info.status == "RUNNING"}
+            if any(step in kill_after and seen.get(run_id) != step for run_id, step in steps.items()):
+                break  # a trial has just logged a step in kill_after
+            seen = steps
+        else:
+            raise AssertionError(f"no trial reached a step in {sorted(kill_after)} (driver exit {driver.poll()})")
+        outage_start_ms = int(time.time() * 1000)
+        server.kill()
+        time.sleep(DOWN_S)
+        server.start()
+        outage_end_ms = int(time.time() * 1000)
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 0, stderr[-2000:]
+
+    parents, children = sweep_runs(client, name)
+    counts = outcome_counts(children, {"t0000", "t0001"})
+    record_counts("MLflow server restart", **counts)
+    assert counts == {"trials_lost": 0, "duplicate_runs": 0, "orphan_running": 0}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2
+    reported = tune_reported_steps(tmp_cwd / "tune" / name)
+    during_outage = 0
+    for child in children:
+        assert child.info.status == "FINISHED", child.data.tags.get("error")
+        assert reported[child.info.run_name] == eval_steps  # what the trial reported to Tune
+        for metric in ("swd", "loss"):
+            history = client.get_metric_history(child.info.run_id, metric)
+            assert sorted(m.step for m in history) == eval_steps, metric  # each step once, none lost
+        during_outage += sum(outage_start_ms <= m.timestamp <= outage_end_ms for m in history)
+    # The outage did overlap logging: some evaluations were made (and stamped) while the server was down.
+    assert during_outage >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_mlflow_server_down_for_good_fails_in_bounded_time_then_resumes(server, write_plan, tmp_cwd):
+    """A server that never comes back: the sweep ends with one error line within a bounded time, its
+    state kept; once the server is back, `resume` finishes every trial in its own run, no step lost."""
+    eval_steps = list(range(25, 151, 25))
+    name = "server-down"
+    path = write_plan(
+        name, {"kernel": ["laplace", "gaussian"]},
+        failure={"max_retries": 1}, resources={"cpus_per_trial": 1, "max_concurrent": 2},
+        tracking={"uri": server.uri}, cluster={"storage_path": str(tmp_cwd / "tune")},
+        workload={**TINY_WORKLOAD, "total_steps": eval_steps[-1], "eval_every_steps": 25},
+    )
+    client = MlflowClient(server.uri)
+    driver = run_cli("run", str(path), cwd=tmp_cwd, env={"DRIFTSWEEP_TRACKING_RETRY_S": str(RETRY_WINDOW_S)})
+    try:
+        wait_for_running_step(client, name, eval_steps[0], driver)
+        server.kill()
+        killed = time.monotonic()
+        stdout, stderr = driver.communicate(timeout=600)
+        elapsed_s = time.monotonic() - killed
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    print(f"server down for good: the sweep ended {elapsed_s:.1f} s after the kill (retry window {RETRY_WINDOW_S:g} s)")
+    # The CLI's last word is one line naming the address, how long it waited, and what to do.
+    # (Above it Tune logs each failed trial attempt with its traceback, as for any failed trial.)
+    last_line = stderr.strip().splitlines()[-1]
+    assert driver.returncode == TrackingUnreachableError.exit_code, stderr[-2000:]
+    assert last_line.startswith(f"error: tracking.uri={server.uri} did not answer") and "driftsweep resume" in last_line
+    # Bounded: each trial attempt waits one window before it fails (failure.max_retries + 1 attempts,
+    # each also paying a trial process start, ~10-20 s on this loaded 2-core machine); the driver's
+    # waits overlap them. Without a bound MLflow's own retries would take ~4 min per call.
+    assert elapsed_s < (1 + 1) * (RETRY_WINDOW_S + 20) + 30
+    state = json.loads((tmp_cwd / "tune" / name / "driftsweep.json").read_text())
+    assert state["finished"] is False
+
+    server.start()
+    resumed = run_cli("resume", str(path), cwd=tmp_cwd)
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-2000:]
+    parents, children = sweep_runs(client, name)
+    counts = outcome_counts(children, {"t0000", "t0001"})
+    record_counts("MLflow server down for good, then resume", **counts)
+    assert counts == {"trials_lost": 0, "duplicate_runs": 0, "orphan_running": 0}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    for child in children:
+        assert child.info.status == "FINISHED", child.data.tags.get("error")
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "swd")) == eval_steps
