@@ -30,7 +30,6 @@ from orchestrator.artifacts import plot_steps
 from orchestrator.errors import TrackingUnreachableError
 from orchestrator.tracking import RetryingClient
 
-REPO = Path(__file__).resolve().parents[1]
 DOWN_S = 8.0  # how long the MLflow server stays down before it is started again
 RETRY_WINDOW_S = 5.0  # DRIFTSWEEP_TRACKING_RETRY_S of the server-down-for-good sweep
 COUNTS_ENV = "DRIFTSWEEP_FAULT_COUNTS"
@@ -82,16 +81,34 @@ def record_counts(kind: str, *, trials_lost: int, duplicate_runs: int, orphan_ru
                                   "orphan_running": orphan_running}) + "\n")
 
 
-def outcome_counts(children: list, trial_ids: set[str]) -> dict[str, int]:
-    """Trials lost (planned but without a FINISHED run), duplicate runs, runs left RUNNING."""
-    per_trial: dict[str, int] = {}
+def outcome_counts(parents: list, children: list, trial_ids: set[str], failed_ids: frozenset[str] = frozenset()
+                   ) -> dict[str, int]:
+    """What a fault cost, read from MLflow.
+
+    Args:
+        parents, children: the sweep's runs (sweep_runs).
+        trial_ids: the planned trial ids.
+        failed_ids: trials the fault makes fail for good (they must end FAILED with an `error` tag).
+
+    Returns:
+        trials_lost: planned trials without their expected final record (FINISHED, or FAILED + error);
+        duplicate_runs: parent runs beyond one plus child runs beyond one per trial;
+        orphan_running: runs left RUNNING.
+    """
+    per_trial: dict[str, list] = {}
     for child in children:
-        per_trial[child.data.tags["trial_id"]] = per_trial.get(child.data.tags["trial_id"], 0) + 1
-    finished = {c.data.tags["trial_id"] for c in children if c.info.status == "FINISHED"}
+        per_trial.setdefault(child.data.tags["trial_id"], []).append(child)
+
+    def recorded(trial_id: str) -> bool:
+        runs = per_trial.get(trial_id, [])
+        if trial_id in failed_ids:
+            return any(r.info.status == "FAILED" and r.data.tags.get("error") for r in runs)
+        return any(r.info.status == "FINISHED" for r in runs)
+
     return {
-        "trials_lost": len(trial_ids - finished),
-        "duplicate_runs": sum(n - 1 for n in per_trial.values()),
-        "orphan_running": sum(c.info.status == "RUNNING" for c in children),
+        "trials_lost": sum(not recorded(trial_id) for trial_id in trial_ids),
+        "duplicate_runs": max(len(parents) - 1, 0) + sum(len(runs) - 1 for runs in per_trial.values()),
+        "orphan_running": sum(r.info.status == "RUNNING" for r in [*parents, *children]),
     }
 
 
@@ -151,7 +168,7 @@ def test_worker_node_death_resumes_trial_from_checkpoint_elsewhere(three_node_cl
 
     parents, children = sweep_runs(client, name)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    counts = outcome_counts(children, {"t0000", "t0001"})
+    counts = outcome_counts(parents, children, {"t0000", "t0001"})
     record_counts("worker node death", **counts)
     assert counts == {"trials_lost": 0, "duplicate_runs": 0, "orphan_running": 0}
     assert len(children) == 2
@@ -301,7 +318,7 @@ def test_mlflow_server_restart_mid_sweep_loses_no_metric(server, write_plan, tmp
     assert driver.returncode == 0, stderr[-2000:]
 
     parents, children = sweep_runs(client, name)
-    counts = outcome_counts(children, {"t0000", "t0001"})
+    counts = outcome_counts(parents, children, {"t0000", "t0001"})
     record_counts("MLflow server restart", **counts)
     assert counts == {"trials_lost": 0, "duplicate_runs": 0, "orphan_running": 0}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2
@@ -361,7 +378,7 @@ def test_mlflow_server_down_for_good_fails_in_bounded_time_then_resumes(server, 
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-2000:]
     parents, children = sweep_runs(client, name)
-    counts = outcome_counts(children, {"t0000", "t0001"})
+    counts = outcome_counts(parents, children, {"t0000", "t0001"})
     record_counts("MLflow server down for good, then resume", **counts)
     assert counts == {"trials_lost": 0, "duplicate_runs": 0, "orphan_running": 0}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
