@@ -206,7 +206,9 @@ def plot_scaling(summary: AblationSummary, path: Path) -> Path | None:
     return _save(figure, path)
 
 
-def plot_alignment_diagnostics(summary: AblationSummary, results: Sequence[TrialResult], path: Path) -> Path | None:
+def plot_alignment_diagnostics(
+    summary: AblationSummary, results: Sequence[TrialResult], path: Path
+) -> Path | None:
     """Panels of the §5.1 diagnostics vs d (log x axis), one line per configuration of the other axes.
 
     Args:

@@ -955,7 +955,8 @@ def _experiment_tables(summary: AblationSummary) -> list[_TableData]:
             _TableData(
                 f"Steps to {summary.metric} {better} {summary.threshold:g} (first logged step at the "
                 "threshold; mean over the trials that reached it) and final value",
-                ["configuration", "reached", "mean steps", f"steps {ci}", f"final {summary.metric}", f"final {ci}"],
+                ["configuration", "reached", "mean steps", f"steps {ci}", f"final {summary.metric}",
+                 f"final {ci}"],
                 [
                     [
                         row.label,

@@ -12,7 +12,8 @@ and the PNGs (not the self-contained report.html, whose inline images would doub
 docs/results/<name>/. The wall time of each run is written to <workdir>/<name>/wall_time_s.txt and
 printed. `baseline` evaluates, for every trial configuration of a training plan (replicate 0), the
 generator at its initial weights (`untrained_metrics`) and, on toys, the evaluation floor (two real
-samples against each other, `evaluation_floor`), and writes docs/results/<name>/untrained.csv. docs/results.md is written by hand from these files.
+samples against each other, `evaluation_floor`), and writes docs/results/<name>/untrained.csv.
+docs/results.md is written by hand from these files.
 """
 
 from __future__ import annotations
@@ -112,15 +113,15 @@ def untrained_metrics(config) -> dict[str, float]:
     return reports[-1]
 
 
-def evaluation_floor(config, seed: int = 0) -> dict[str, float]:
-    """SWD and MMD between two independent real samples of eval.num_samples points (toys only).
+def evaluation_floor(config, draws: int = 5) -> dict[str, float]:
+    """Mean SWD and MMD between two independent real samples of eval.num_samples points (toys only).
 
-    The level a perfect generator would score on average with this evaluation size: values of a
-    trained run at or below it are indistinguishable from the data at this sample size.
+    The level a perfect generator scores on average at this evaluation size: a trained run at or
+    below it is indistinguishable from the data at this sample size.
 
     Args:
         config: a WorkloadConfig of a toy data set.
-        seed: seed of the two draws.
+        draws: independent pairs averaged (seeds 0 .. draws - 1).
 
     Returns:
         {"swd_floor": ..., "mmd_floor": ...}.
@@ -130,13 +131,13 @@ def evaluation_floor(config, seed: int = 0) -> dict[str, float]:
     from workloads.datasets import make_dataset
     from workloads.metrics import rbf_mmd, sliced_wasserstein
 
-    generator = torch.Generator().manual_seed(seed)
-    dataset = make_dataset(config)
-    first, second = (dataset.sample(config.eval.num_samples, generator) for _ in range(2))
-    return {
-        "swd_floor": sliced_wasserstein(first, second, num_projections=config.eval.swd_projections),
-        "mmd_floor": rbf_mmd(first, second),
-    }
+    dataset, swd, mmd = make_dataset(config), [], []
+    for seed in range(draws):
+        generator = torch.Generator().manual_seed(seed)
+        first, second = (dataset.sample(config.eval.num_samples, generator) for _ in range(2))
+        swd.append(sliced_wasserstein(first, second, num_projections=config.eval.swd_projections))
+        mmd.append(rbf_mmd(first, second))
+    return {"swd_floor": sum(swd) / draws, "mmd_floor": sum(mmd) / draws}
 
 
 def write_baselines(names: list[str]) -> None:

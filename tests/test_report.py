@@ -626,7 +626,9 @@ def test_alignment_summary_tables_and_figures(tmp_path):
     # A sweep without a dimension axis has no such tables or figures.
     plain = summarize(fake_results(), AXES, "swd", "min")
     assert plain.scaling == [] and plain.diagnostics == []
-    assert "error_vs_dim.png" not in {p.name for p in plots.render_figures(plain, fake_results(), tmp_path).values()}
+    (tmp_path / "plain").mkdir()
+    plain_figures = plots.render_figures(plain, fake_results(), tmp_path / "plain")
+    assert "error_vs_dim.png" not in {p.name for p in plain_figures.values()}
 
 
 def test_quality_metrics_per_configuration(tmp_path):
@@ -634,7 +636,8 @@ def test_quality_metrics_per_configuration(tmp_path):
         return TrialResult(name, {"kernel": kernel}, "completed", swd, [(100, swd)], 0,
                            {"swd": swd, "mmd": mmd, "loss": 9.0})
 
-    results = [trial("a", "laplace", 0.2, 0.01), trial("b", "laplace", 0.4, 0.03), trial("c", "gaussian", 0.3, 0.02),
+    results = [trial("a", "laplace", 0.2, 0.01), trial("b", "laplace", 0.4, 0.03),
+               trial("c", "gaussian", 0.3, 0.02),
                TrialResult("d", {"kernel": "gaussian"}, "failed", 5.0, [(100, 5.0)], 1, {"swd": 5.0, "mmd": 1.0})]
     summary = summarize(results, ["kernel"], "swd", "min")
     # Natural order (gaussian < laplace); the failed trial is not averaged; loss is not a quality metric.
