@@ -290,8 +290,8 @@ def test_report_passes_plan_tracking_uri(small_plan, tmp_path, monkeypatch):
     module = types.ModuleType("orchestrator.report")
     calls = []
 
-    def build_report(plan_or_run_id, tracking_uri=None, out_dir="report", attach=True, console=None):
-        calls.append((plan_or_run_id, tracking_uri, Path(out_dir), attach))
+    def build_report(plan_or_run_id, tracking_uri=None, out_dir="report", attach=True, console=None, threshold=None):
+        calls.append((plan_or_run_id, tracking_uri, Path(out_dir), attach, threshold))
         return Path(out_dir) / "report.html"
 
     module.build_report = build_report
@@ -300,7 +300,10 @@ def test_report_passes_plan_tracking_uri(small_plan, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = runner.invoke(app, ["report", str(small_plan), "--out", "rep", "--no-attach"])
     assert result.exit_code == 0, result.stderr
-    assert calls == [(str(small_plan), f"sqlite:///{tmp_path.resolve()}/mlflow.db", Path("rep"), False)]
+    result = runner.invoke(app, ["report", str(small_plan), "--out", "rep", "--threshold", "0.25"])
+    assert result.exit_code == 0, result.stderr
+    uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert calls == [(str(small_plan), uri, Path("rep"), False, None), (str(small_plan), uri, Path("rep"), True, 0.25)]
 
 
 # ------------------------------------------------------------------------------------------ entry points
