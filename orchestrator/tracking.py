@@ -19,7 +19,7 @@ retries transient failures (connection refused/reset, timeouts, HTTP 429 and 5xx
 backoff for at most `retry_window_s()` seconds (default 120, env DRIFTSWEEP_TRACKING_RETRY_S), then
 raises TrackingUnreachableError (one line). MLflow's own per-request retries are turned off
 deliberately (see `configure_mlflow_http`) so that this window is the only retry layer and the bound
-is exact: a call gives up at most `window + MLFLOW_HTTP_REQUEST_TIMEOUT` (20 s) after its first
+is known: a call gives up at most `window + MLFLOW_HTTP_REQUEST_TIMEOUT` (20 s) after its first
 failure. Retried calls are idempotent: a metric batch is resent with the same timestamps (the server
 drops exact duplicates) and a child run is looked up before it is (re)created.
 """
@@ -29,8 +29,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import random
+import socket
 import subprocess
 import time
 import urllib.error
@@ -45,7 +45,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
-from orchestrator.errors import TrackingUnreachableError
+from orchestrator.errors import DriftsweepError, TrackingUnreachableError
 
 PARENT_TAG = "mlflow.parentRunId"
 PLAN_HASH_TAG = "driftsweep.plan_hash"
@@ -60,7 +60,8 @@ VERSIONED_PACKAGES = ("driftsweep", "torch", "ray", "optuna", "mlflow")
 MAX_PARAMS_PER_BATCH = 100
 HEALTH_TIMEOUT_S = 5.0
 # Retry window (seconds) of a tracking call against an unreachable server; covers a server restart
-# (measured: a PostgreSQL-backed `mlflow server` answers again ~10-30 s after it is started).
+# (measured in tests/test_faults.py: a PostgreSQL-backed `mlflow server` answers 12-16 s after it is
+# started on a loaded 2-core machine) with room for a slow pod reschedule.
 RETRY_WINDOW_ENV = "DRIFTSWEEP_TRACKING_RETRY_S"
 DEFAULT_RETRY_WINDOW_S = 120.0
 # Backoff between attempts in seconds: 0.5, 1, 2, 4, 8, 8, ... (+ up to 10 % jitter).
@@ -138,7 +139,7 @@ def retry_window_s() -> float:
     """Seconds a tracking call retries an unreachable server: env DRIFTSWEEP_TRACKING_RETRY_S, else 120.
 
     Raises:
-        ValueError: the variable is not a non-negative number.
+        DriftsweepError: the variable is not a non-negative number (one line, exit 2 at the CLI).
     """
     text = os.environ.get(RETRY_WINDOW_ENV)
     if text is None:
@@ -148,7 +149,8 @@ def retry_window_s() -> float:
     except ValueError:
         window_s = -1.0
     if not math.isfinite(window_s) or window_s < 0:
-        raise ValueError(f"{RETRY_WINDOW_ENV}={text!r}: use a number of seconds >= 0")
+        raise DriftsweepError(f"env {RETRY_WINDOW_ENV}={text!r} is not a number of seconds >= 0; unset it "
+                              f"(default {DEFAULT_RETRY_WINDOW_S:g} s) or set e.g. {RETRY_WINDOW_ENV}=300")
     return window_s
 
 

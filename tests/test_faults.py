@@ -27,7 +27,7 @@ from ray.cluster_utils import Cluster
 
 from conftest import TINY_WORKLOAD, free_port, start_mlflow_server, wait_for_server
 from orchestrator.artifacts import plot_steps
-from orchestrator.errors import TrackingUnreachableError
+from orchestrator.errors import DriftsweepError, TrackingUnreachableError
 from orchestrator.tracking import RetryingClient
 
 DOWN_S = 8.0  # how long the MLflow server stays down before it is started again
@@ -208,6 +208,13 @@ def test_retrying_client_gives_up_after_its_window_then_fails_fast():
     with pytest.raises(TrackingUnreachableError):
         RetryingClient(uri, window_s=1.5).get_experiment("0")
     assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_bad_retry_window_is_a_one_line_error(monkeypatch, value):
+    monkeypatch.setenv("DRIFTSWEEP_TRACKING_RETRY_S", value)
+    with pytest.raises(DriftsweepError, match=f"env DRIFTSWEEP_TRACKING_RETRY_S={value!r} is not a number"):
+        RetryingClient("http://127.0.0.1:5000")
 
 
 @pytest.mark.slow
