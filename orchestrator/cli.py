@@ -253,7 +253,8 @@ def report(
         "report"),
     attach: Annotated[bool, typer.Option(help="also log the report on the parent run")] = True,
     threshold: Annotated[float | None, typer.Option(
-        help="steps-to-threshold level in metric units (default: the plan's objective.threshold)")] = None,
+        help="steps-to-threshold level in metric units: per trial, the first logged step with the metric <= it "
+        "(min) or >= it (max); default: the plan's objective.threshold")] = None,
 ) -> None:
     """Ablation table of a sweep (main effects, best configuration) plus an HTML/Markdown report."""
     if tracking_uri is None:
