@@ -14,6 +14,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,7 +51,7 @@ def shrunken_plan(name: str, workload: dict | None = None, **top: object):
             base[key] = value
     data.update(copy.deepcopy(top))
     data["replicates"] = top.get("replicates", 1)
-    return parse_plan(yaml.safe_dump(data), source=f"{name}.yaml (shrunken)")
+    return parse_plan(yaml.safe_dump(data, sort_keys=False), source=f"{name}.yaml (shrunken)")
 
 
 def final_metrics(config) -> dict[str, float]:
@@ -191,3 +194,40 @@ def test_annealing_rates_train_and_anneal_on_schedule():
         # Steps to threshold is defined on the real curve: half the untrained SWD is reached.
         curve = [(step, metrics["swd"]) for step, metrics in reports]
         assert steps_to_threshold(curve, TRAINED_TO_UNTRAINED_MAX * initial, "min") is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# One shrunken plan end to end: driftsweep run, then driftsweep report
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_alignment_plan_end_to_end_through_run_and_report(tmp_path):
+    data = yaml.safe_load((PAPER_DIR / "alignment.yaml").read_text())
+    data["workload"]["alignment"].update(num_ref=256, num_query=64)
+    data["axes"]["alignment.dim"] = [8, 128]
+    data["replicates"] = 1
+    (tmp_path / "alignment.yaml").write_text(yaml.safe_dump(data, sort_keys=False))  # keep the axis order
+
+    def driftsweep(*args: str) -> subprocess.CompletedProcess:
+        # A separate process, as a user runs it (the embedded Ray starts and stops with it); the
+        # environment carries conftest's loopback-only Ray settings and temporary RAY_TMPDIR.
+        return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=tmp_path, env=os.environ.copy(),
+                              capture_output=True, text=True, timeout=300)
+
+    run = driftsweep("run", "alignment.yaml")
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = driftsweep("report", "alignment.yaml", "--out", "rep")
+    assert report.returncode == 0, report.stderr[-2000:]
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| 8 | 0 | 0 | 0 | 0 |" in text  # 8 completed, none pruned/failed/running/without metric
+    assert (tmp_path / "rep" / "error_vs_dim.png").is_file()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[1] == "rel_error":
+            rows[cells[0]] = float(cells[6])
+    # The slope the report prints: negative for Laplace on both data sets (Theorem 4).
+    assert rows["kernel=laplace,alignment.dataset=ring_mog_hd"] < 0
+    assert rows["kernel=laplace,alignment.dataset=raw_mog_hd"] < 0
+    assert len(rows) == 4
