@@ -333,3 +333,61 @@ def test_batched_sinkhorn_locations_match_single_location_plans():
     for i in range(3):
         single = drift_field(x[i], pos[i], kernel="sinkhorn", temperatures=[0.5], sinkhorn_iters=50)
         torch.testing.assert_close(got[i], single, rtol=1e-10, atol=1e-12)
+
+
+def reference_drift_log_domain(x, positives, kernel, tau, affinity_norm):
+    """Normalized single-temperature drift (negatives = x, masked) in float64 log space.
+
+    An independent form of steps 3-5: with log A the log-affinities, row i's
+    V_i = S+_i S-_i (softmax(log A+_i) y+ - softmax(log A-_i) y-), S = row sums, so
+    log ||V_i|| = lse(log A+_i) + lse(log A-_i) + log ||difference|| never leaves float range.
+    """
+    x, yp = x.double(), positives.double()
+    n, n_pos = x.shape[0], yp.shape[0]
+    targets = torch.cat([yp, x])
+    d = torch.cdist(x, targets)
+    mask = torch.zeros_like(d, dtype=torch.bool)
+    mask[torch.arange(n), n_pos + torch.arange(n)] = True
+    logit = LOG_KERNELS_TORCH[kernel](d / d[~mask].mean(), tau).masked_fill(mask, -math.inf)
+    if affinity_norm == "both":
+        log_a = 0.5 * (torch.log_softmax(logit, dim=1) + torch.log_softmax(logit, dim=0))
+    elif affinity_norm == "row":
+        log_a = torch.log_softmax(logit, dim=1)
+    else:
+        log_a = logit
+    lp, ln = log_a[:, :n_pos], log_a[:, n_pos:]
+    diff = torch.softmax(lp, dim=1) @ yp - torch.softmax(ln, dim=1) @ x
+    log_norm = torch.logsumexp(lp, dim=1) + torch.logsumexp(ln, dim=1)  # log(S+ S-)
+    log_sq = 2 * log_norm + diff.square().sum(1).log()
+    log_rms = 0.5 * (torch.logsumexp(log_sq, dim=0) - math.log(x.numel()))
+    return diff * (log_norm - log_rms).exp()[:, None]
+
+
+@pytest.mark.parametrize("affinity_norm", ["both", "row"])
+def test_log_domain_reference_agrees_with_full_matrix_reference_where_both_fit(affinity_norm):
+    # The log-domain reference itself is checked where the plain float64 reference is in range.
+    x, pos = _batch()
+    expected = reference_drift(x, pos, x, True, "gaussian", [0.2], affinity_norm)
+    torch.testing.assert_close(reference_drift_log_domain(x, pos, "gaussian", 0.2, affinity_norm), expected,
+                               rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affinity_norm", ["both", "row", "none"])
+@pytest.mark.parametrize("tau", [0.05, 0.02])
+def test_small_temperature_drift_does_not_underflow(dtype, affinity_norm, tau):
+    # Data 3 std away from the generated batch, Gaussian kernel: every affinity of a row is far
+    # below float range (the un-normalized field's RMS is ~1e-41 at tau 0.05 and ~1e-251 at 0.02,
+    # below float32's and, at 0.02, the plain float64 reference's range), yet the normalized field
+    # is well defined; it used to come out as exactly 0 in float32.
+    gen = _gen(0)
+    x = torch.randn(64, 16, generator=gen)
+    pos = torch.randn(64, 16, generator=gen) * 0.5 + 3.0
+    got, stats = drift_field(x.to(dtype), pos.to(dtype), kernel="gaussian", temperatures=[tau],
+                             affinity_norm=affinity_norm, return_stats=True)
+    expected = reference_drift_log_domain(x, pos, "gaussian", tau, affinity_norm)
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol)
+    assert float(got.square().mean().sqrt()) == pytest.approx(1.0, rel=tol)
+    if affinity_norm == "both":
+        assert 0 < stats["drift_rms"][0] < 1e-30

@@ -272,11 +272,19 @@ def _drift_one_temperature(
     tau: float,
     affinity_norm: str,
     sinkhorn_iters: int,
-) -> Tensor:
-    """Unnormalized drift V_tau (L x N x D), DESIGN.md steps 3-4, over row chunks.
+) -> tuple[Tensor, Tensor]:
+    """Unnormalized drift V_tau, DESIGN.md steps 3-4, over row chunks, as V'_i and log scales.
 
     Every variant is A_ij = rho_i exp(logit_ij - shift_i + v_j) with a row factor rho_i applied
     after the matmuls (V_i is quadratic in row i of A), so no pass rescales A itself.
+    With small temperatures every affinity of a row can be far below float range (e.g. Gaussian,
+    when the row's nearest target is nearer to other generated samples: the column normalizer
+    dwarfs the entry) although the drift direction is well defined. So the positive and the
+    negative half of each row are shifted to peak at exp(0) = 1 before exp, and the row's scale is
+    returned apart: V_i = exp(s_i) V'_i.
+
+    Returns:
+        (V' L x N x D, log scales s L x N).
     """
     n, num_pos = dist.x.shape[1], dist.num_pos
     y_pos, y_neg = dist.targets[:, :num_pos], dist.targets[:, num_pos:]
@@ -291,6 +299,7 @@ def _drift_one_temperature(
         col_offset = -0.5 * _column_logsumexp(dist, kernel, tau)
     row_max = kernel.log_k(dist.row_min, tau)
     out = torch.empty_like(dist.x)
+    log_scale = torch.zeros(dist.x.shape[:2], dtype=dist.x.dtype, device=dist.x.device)
     scratch = torch.empty(0, dtype=dist.x.dtype, device=dist.x.device)
     for i0 in dist.starts:
         a = kernel.log_k(dist(i0), tau)
@@ -312,16 +321,23 @@ def _drift_one_temperature(
             a.sub_(shift)
         if col_offset is not None:
             a.add_(col_offset[:, None, :])
-        dist.exp_(a, i0)
         a_pos, a_neg = a[:, :, :num_pos], a[:, :, num_pos:]
+        # Both terms of V_i are (row i of A+) x (row i of A-): each half peaks at exp(0) = 1
+        # and V_i = exp(peak+_i + peak-_i) V'_i. A half with no finite entry keeps shift 0.
+        peaks = [half.amax(dim=2, keepdim=True) for half in (a_pos, a_neg)]
+        peaks = [torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)) for peak in peaks]
+        a_pos.sub_(peaks[0])
+        a_neg.sub_(peaks[1])
+        dist.exp_(a, i0)
         sum_pos, sum_neg = a_pos.sum(dim=2, keepdim=True), a_neg.sum(dim=2, keepdim=True)
         # Step 4: V = (A+ rowsum(A-)) y+ - (A- rowsum(A+)) y-, row factors after the matmuls.
-        block = torch.bmm(a_pos, y_pos).mul_(sum_neg).sub_(torch.bmm(a_neg, y_neg).mul_(sum_pos))
+        out[:, rows] = torch.bmm(a_pos, y_pos).mul_(sum_neg).sub_(torch.bmm(a_neg, y_neg).mul_(sum_pos))
+        scale = peaks[0] + peaks[1]
         if affinity_norm == "row" and sinkhorn_f is None:
-            # Row softmax A = E / S with S = rowsum(E): V scales by 1 / S^2.
-            block.div_((sum_pos + sum_neg).square())
-        out[:, rows] = block
-    return out
+            # Row softmax A = E / S with S = rowsum(E) = e^peak+ S'+ + e^peak- S'-: V scales by 1 / S^2.
+            scale = scale - 2.0 * torch.logaddexp(peaks[0] + sum_pos.log(), peaks[1] + sum_neg.log())
+        log_scale[:, rows] = scale[:, :, 0]
+    return out, log_scale
 
 
 def _drift_batched(
@@ -345,14 +361,19 @@ def _drift_batched(
     total = torch.zeros_like(x)
     rms_values = []
     for tau in taus:
-        v = _drift_one_temperature(dist, kernel, tau, affinity_norm, sinkhorn_iters)
-        # Step 5: RMS per coordinate and location, sqrt(mean_i ||V_i||^2 / D).
-        rms = v.square().mean(dim=(1, 2)).sqrt()
-        rms_values.append(float(rms.mean()))
+        v, log_scale = _drift_one_temperature(dist, kernel, tau, affinity_norm, sinkhorn_iters)
+        # Step 5 in the log domain: RMS per coordinate and location, sqrt(mean_i ||V_i||^2 / D)
+        # with ||V_i||^2 = exp(2 s_i) ||V'_i||^2 (no underflow however small the field is).
+        log_sq = v.square().sum(dim=2).log() + 2.0 * log_scale
+        log_rms = 0.5 * (torch.logsumexp(log_sq, dim=1) - math.log(n * v.shape[2]))  # L
+        rms_values.append(float(log_rms.double().exp().mean()))
         if normalize:
-            # A location whose drift is exactly 0 stays 0 (no division by zero).
-            v = v / torch.where(rms > 0, rms, torch.ones_like(rms))[:, None, None]
-        total += v
+            # A location whose drift is exactly 0 (log_rms = -inf) stays 0.
+            factor = torch.where(torch.isfinite(log_rms)[:, None], (log_scale - log_rms[:, None]).exp(),
+                                 torch.zeros_like(log_scale))
+        else:
+            factor = log_scale.exp()
+        total += v.mul_(factor[:, :, None])
     return total, rms_values
 
 
