@@ -26,7 +26,7 @@ import yaml
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from workloads.alignment import make_alignment_pair
+from workloads.alignment import alignment_draws
 from workloads.config import WorkloadConfig
 from workloads.datasets import make_dataset
 from workloads.drift import kernel_fields
@@ -169,9 +169,8 @@ class AlignmentFields:
 def alignment_fields(config: WorkloadConfig, max_queries: int = QUIVER_MAX_ARROWS) -> AlignmentFields:
     """Mean-shift and score discrepancies of an alignment trial, for plotting (paper §5.1).
 
-    Uses the same oracle pair and draws as `workloads.alignment.run_alignment` (pair from
-    config.seed, references and queries from a generator seeded config.seed + 1, tau = tau_scale *
-    mean query norm) and the fields of `workloads.drift.kernel_fields`. The plane is spanned by the
+    Uses the oracle pair and draws that `workloads.alignment.run_alignment` measures on
+    (`alignment_draws`) and the fields of `workloads.drift.kernel_fields`. The plane is spanned by the
     two leading right singular vectors of p's mode centers: the ring's own plane for ring_mog_hd
     (its centers span it), the best 2-D fit of the centers for raw_mog_hd.
 
@@ -182,13 +181,7 @@ def alignment_fields(config: WorkloadConfig, max_queries: int = QUIVER_MAX_ARROW
     Returns:
         The projected fields.
     """
-    cfg = config.alignment
-    pair = make_alignment_pair(cfg.dataset, cfg.dim, config.seed)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    ref_p = pair.sample_p(cfg.num_ref, generator)
-    ref_q = pair.sample_q(cfg.num_ref, generator)
-    queries = pair.sample_q(cfg.num_query, generator)
-    tau = cfg.tau_scale * float(queries.norm(dim=1).mean())
+    pair, ref_p, ref_q, queries, tau = alignment_draws(config)
     queries = queries[:max_queries]
     m_p, s_p, b_p = kernel_fields(queries, ref_p, config.kernel, tau)
     m_q, s_q, b_q = kernel_fields(queries, ref_q, config.kernel, tau)

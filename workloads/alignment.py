@@ -115,6 +115,28 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def alignment_draws(config: WorkloadConfig) -> tuple[AlignmentPair, Tensor, Tensor, Tensor, float]:
+    """The oracle pair and the samples one alignment trial measures on (paper §5.1).
+
+    The pair comes from config.seed; the p and q references and the queries (drawn from q) from a
+    CPU generator seeded config.seed + 1, so they do not depend on the device; tau =
+    alignment.tau_scale * mean query norm (the paper's bandwidth proportional to the query norm).
+
+    Args:
+        config: the workload config (uses alignment.* and seed).
+
+    Returns:
+        (pair, references of p, references of q, queries, tau).
+    """
+    cfg = config.alignment
+    pair = make_alignment_pair(cfg.dataset, cfg.dim, config.seed)
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    ref_p = pair.sample_p(cfg.num_ref, gen)
+    ref_q = pair.sample_q(cfg.num_ref, gen)
+    queries = pair.sample_q(cfg.num_query, gen)
+    return pair, ref_p, ref_q, queries, cfg.tau_scale * float(queries.norm(dim=1).mean())
+
+
 def run_alignment(
     config: WorkloadConfig, report: Callable[[int, dict[str, float]], None]
 ) -> dict[str, Any]:
@@ -131,17 +153,11 @@ def run_alignment(
     Returns:
         {"metrics": the reported dict, "seed": config.seed, "device": device name}.
     """
-    cfg = config.alignment
     device = _resolve_device(config.device)
-    pair = make_alignment_pair(cfg.dataset, cfg.dim, config.seed)
-    gen = torch.Generator().manual_seed(config.seed + 1)
-    ref_p = pair.sample_p(cfg.num_ref, gen)
-    ref_q = pair.sample_q(cfg.num_ref, gen)
-    queries = pair.sample_q(cfg.num_query, gen)
-    tau = cfg.tau_scale * float(queries.norm(dim=1).mean())
+    _, ref_p, ref_q, queries, tau = alignment_draws(config)
     metrics = alignment_metrics(
         queries.to(device), ref_p.to(device), ref_q.to(device), config.kernel, tau
     )
-    metrics.update({"tau": tau, "dim": float(cfg.dim)})
+    metrics.update({"tau": tau, "dim": float(config.alignment.dim)})
     report(0, metrics)
     return {"metrics": metrics, "seed": config.seed, "device": str(device)}
