@@ -177,8 +177,33 @@ def _run(plan_path: Path, resume: bool) -> None:
 
     summary = run_sweep(plan, plan_path, resume=resume, console=console)
     code = _print_summary(summary)
+    if summary.n_completed:
+        local = "://" not in storage
+        _attach_report(plan, plan_path, summary, Path(storage) / plan.name / "report" if local else None)
     if code:
         raise typer.Exit(code)
+
+
+def _attach_report(plan, plan_path: Path, summary: Any, out_dir: Path | None) -> None:
+    """Build the ablation report of a finished sweep and log it on the parent run (under report/).
+
+    A report that cannot be built is a warning, never a failed sweep: the runs are all recorded and
+    `driftsweep report PLAN` builds it later.
+    """
+    import tempfile
+
+    from orchestrator.report import build_report
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="ds_report_") as scratch:
+            html = build_report(summary.parent_run_id, tracking_uri=resolve_tracking_uri(plan),
+                                out_dir=out_dir or scratch, attach=True)
+            where = f"{html} and " if out_dir is not None else ""
+            console.print(f"report: {where}the parent run's report/ artifacts", highlight=False)
+    except Exception as exc:  # noqa: BLE001 - the sweep's results are recorded either way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        console.print(f"warning: the ablation report was not built ({first}); run `driftsweep report "
+                      f"{plan_path}` later", highlight=False)
 
 
 @app.command()

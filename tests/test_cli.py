@@ -199,6 +199,18 @@ def fake_runner(monkeypatch):
 
     module.run_sweep, module.sweep_status = run_sweep, sweep_status
     monkeypatch.setitem(sys.modules, "orchestrator.runner", module)
+    # The report the CLI builds after a sweep: a stand-in that records its calls (or raises).
+    report_module = types.ModuleType("orchestrator.report")
+    module.report_calls, module.report_error = [], None
+
+    def build_report(run_id, tracking_uri=None, out_dir="report", attach=True, **kwargs):
+        module.report_calls.append((run_id, tracking_uri, Path(out_dir), attach))
+        if module.report_error is not None:
+            raise module.report_error
+        return Path(out_dir) / "report.html"
+
+    report_module.build_report = build_report
+    monkeypatch.setitem(sys.modules, "orchestrator.report", report_module)
     return module
 
 
@@ -215,6 +227,23 @@ def test_run_saves_resolved_plan_and_calls_runner(small_plan, tmp_path, monkeypa
     assert saved["tracking"]["uri"] == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert saved["tracking"]["experiment"] == "small" and saved["replicates"] == 2
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db --host 127.0.0.1" in result.stdout
+    # The ablation report is built and attached to the parent run, next to the sweep's Tune state.
+    assert fake_runner.report_calls == [
+        ("abc123", f"sqlite:///{tmp_path.resolve()}/mlflow.db", tmp_path / "ray_results/small/report", True)]
+    assert "report: " in result.stdout
+
+
+def test_a_report_that_fails_after_the_sweep_is_a_warning(small_plan, tmp_path, monkeypatch, fake_runner):
+    monkeypatch.chdir(tmp_path)
+    fake_runner.report_error = RuntimeError("nothing completed\nsecond line")
+    result = runner.invoke(app, ["run", str(small_plan)])
+    assert result.exit_code == 0, result.stderr
+    assert f"warning: the ablation report was not built (nothing completed); run `driftsweep report {small_plan}` " \
+           "later" in " ".join(result.stdout.split())
+    fake_runner.result = _summary(n_completed=0, n_failed=8)
+    fake_runner.report_calls.clear()
+    assert runner.invoke(app, ["run", str(small_plan)]).exit_code == EXIT_TRIALS_FAILED
+    assert fake_runner.report_calls == []  # nothing completed: no report to build
 
 
 def test_resolved_plan_of_an_existing_sweep_is_kept(small_plan, tmp_path, monkeypatch, fake_runner):
