@@ -12,6 +12,7 @@ table of the closing note.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -47,6 +48,18 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, **popen) -> subproce
     return subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=cwd,
                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **popen)
+
+
+@contextlib.contextmanager
+def cli_driver(*args: str, cwd: Path, env: dict | None = None):
+    """run_cli as a context: the driver process is killed on the way out if it still runs."""
+    driver = run_cli(*args, cwd=cwd, env=env)
+    try:
+        yield driver
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
 
 
 def sweep_runs(client: MlflowClient, experiment_name: str) -> tuple[list, list]:
@@ -143,9 +156,8 @@ def test_worker_node_death_resumes_trial_from_checkpoint_elsewhere(three_node_cl
         workload={**TINY_WORKLOAD, "total_steps": eval_steps[-1], "eval_every_steps": 40},
     )
     client = MlflowClient(mlflow_server)
-    driver = run_cli("run", str(path), cwd=tmp_cwd)
     victim = None
-    try:
+    with cli_driver("run", str(path), cwd=tmp_cwd) as driver:
         deadline = time.monotonic() + 240
         while victim is None and time.monotonic() < deadline and driver.poll() is None:
             time.sleep(0.5)
@@ -160,10 +172,6 @@ def test_worker_node_death_resumes_trial_from_checkpoint_elsewhere(three_node_cl
         killed_at_step = int(victim.data.tags["last_step"])
         cluster.remove_node(workers[killed_node_id], allow_graceful=False)
         stdout, stderr = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
     assert driver.returncode == 0, stderr[-2000:]
 
     parents, children = sweep_runs(client, name)
@@ -299,8 +307,7 @@ def test_mlflow_server_restart_mid_sweep_loses_no_metric(server, write_plan, tmp
         workload={**TINY_WORKLOAD, "total_steps": total_steps, "eval_every_steps": every},
     )
     client = MlflowClient(server.uri)
-    driver = run_cli("run", str(path), cwd=tmp_cwd)
-    try:
+    with cli_driver("run", str(path), cwd=tmp_cwd) as driver:
         seen: dict[str, int] = {}
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and driver.poll() is None:
@@ -318,10 +325,6 @@ def test_mlflow_server_restart_mid_sweep_loses_no_metric(server, write_plan, tmp
         server.start()
         outage_end_ms = int(time.time() * 1000)
         stdout, stderr = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
     assert driver.returncode == 0, stderr[-2000:]
 
     parents, children = sweep_runs(client, name)
@@ -356,17 +359,13 @@ def test_mlflow_server_down_for_good_fails_in_bounded_time_then_resumes(server, 
         workload={**TINY_WORKLOAD, "total_steps": eval_steps[-1], "eval_every_steps": 25},
     )
     client = MlflowClient(server.uri)
-    driver = run_cli("run", str(path), cwd=tmp_cwd, env={"DRIFTSWEEP_TRACKING_RETRY_S": str(RETRY_WINDOW_S)})
-    try:
+    retry_env = {"DRIFTSWEEP_TRACKING_RETRY_S": str(RETRY_WINDOW_S)}
+    with cli_driver("run", str(path), cwd=tmp_cwd, env=retry_env) as driver:
         wait_for_running_step(client, name, eval_steps[0], driver)
         server.kill()
         killed = time.monotonic()
         stdout, stderr = driver.communicate(timeout=600)
         elapsed_s = time.monotonic() - killed
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
     print(f"server down for good: the sweep ended {elapsed_s:.1f} s after the kill (retry window {RETRY_WINDOW_S:g} s)")
     # The CLI's last word is one line naming the address, how long it waited, and what to do.
     # (Above it Tune logs each failed trial attempt with its traceback, as for any failed trial.)
