@@ -2,7 +2,7 @@
 
 No API server runs here, so validity means: core kinds pass kubernetes-validate in strict mode (unknown
 fields rejected) against the newest Kubernetes version it ships; KubeRay kinds pass the CRD's
-openAPIV3Schema (../shared/k8s-schemas/kuberay) with jsonschema after `closed_schema` (below) makes
+openAPIV3Schema (tests/schemas/kuberay, vendored from ../shared/k8s-schemas) with jsonschema after `closed_schema` (below) makes
 unknown fields errors, as the API server's pruning would silently drop them. Overlays are rendered by
 `kubectl kustomize`; a missing kubectl FAILS these tests (it is part of the machine image).
 """
@@ -27,7 +27,7 @@ from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
-CRD_DIR = REPO.parent / "shared" / "k8s-schemas" / "kuberay"
+CRD_DIR = REPO / "tests" / "schemas" / "kuberay"  # KubeRay CRDs vendored from ../shared/k8s-schemas (SOURCE.txt)
 OVERLAYS = ("gpu", "dev")
 KUSTOMIZATIONS = {"base": MANIFESTS / "base", **{o: MANIFESTS / "overlays" / o for o in OVERLAYS}}
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
