@@ -29,6 +29,7 @@ from orchestrator.report import (
     AblationSummary,
     ConfigStats,
     TrialResult,
+    config_label,
     dimension_groups,
     level_sort_key,
     means_by_dim,
@@ -143,7 +144,7 @@ def kernel_pairs(summary: AblationSummary) -> list[tuple[str, dict[str, ConfigSt
             paired[tuple((a, v) for a, v in config.axes.items() if a != KERNEL_AXIS)][kernel] = config
     ordered = sorted(paired, key=lambda others: [level_sort_key(v) for _, v in others])
     return [
-        (",".join(f"{a}={v}" for a, v in others) or "all", paired[others])
+        (config_label(others) or "all", paired[others])
         for others in ordered
         if len(paired[others]) == 2
     ]
@@ -230,8 +231,7 @@ def plot_alignment_diagnostics(
     for name, panel in zip(names, panels, strict=True):
         for key, trials in groups.items():
             means = means_by_dim(trials, name)
-            label = ",".join(f"{a}={v}" for a, v in key) or "all"
-            panel.plot(list(means), list(means.values()), marker="o", label=label)
+            panel.plot(list(means), list(means.values()), marker="o", label=config_label(key) or "all")
         if name in ("cosine", "lambda_ratio"):
             panel.axhline(1.0, color="black", linestyle="--", linewidth=0.8)  # the theory's limit
         panel.set(xscale="log", xlabel="dimension d", ylabel=name, title=name)

@@ -47,7 +47,7 @@ import math
 import os
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -152,6 +152,23 @@ class LevelStats:
     effect: float
 
 
+ConfigKey = tuple[tuple[str, str], ...]  # ((axis, level), ...) in axis order
+
+
+def config_label(pairs: Iterable[tuple[str, str]]) -> str:
+    """`axis=level,...` in the given order, e.g. `kernel=gaussian,batch_size=64` ("" for none)."""
+    return ",".join(f"{axis}={level}" for axis, level in pairs)
+
+
+def by_configuration(results: Iterable[TrialResult], axes: Sequence[str]) -> dict[ConfigKey, list[TrialResult]]:
+    """Trials grouped by their levels of `axes` (a missing axis tag counts as level ""), the
+    configurations in natural level order."""
+    groups: dict[ConfigKey, list[TrialResult]] = defaultdict(list)
+    for r in results:
+        groups[tuple((axis, r.axes.get(axis, "")) for axis in axes)].append(r)
+    return {key: groups[key] for key in sorted(groups, key=lambda k: [level_sort_key(v) for _, v in k])}
+
+
 @dataclass(frozen=True)
 class ConfigStats:
     """One full configuration (every axis fixed), pooled over its replicates."""
@@ -162,7 +179,7 @@ class ConfigStats:
     @property
     def label(self) -> str:
         """`axis=level,...` in axis order, e.g. `kernel=gaussian,batch_size=64`."""
-        return ",".join(f"{axis}={level}" for axis, level in self.axes.items())
+        return config_label(self.axes.items())
 
 
 @dataclass(frozen=True)
@@ -186,7 +203,7 @@ class ThresholdRow:
     @property
     def label(self) -> str:
         """`axis=level,...` in axis order."""
-        return ",".join(f"{axis}={level}" for axis, level in self.axes.items())
+        return config_label(self.axes.items())
 
 
 @dataclass(frozen=True)
@@ -216,7 +233,7 @@ class ScalingFit:
     @property
     def label(self) -> str:
         """`axis=level,...` of the group ("all" when the dimension is the only axis)."""
-        return ",".join(f"{axis}={level}" for axis, level in self.group.items()) or "all"
+        return config_label(self.group.items()) or "all"
 
 
 @dataclass(frozen=True)
@@ -391,12 +408,10 @@ def summarize(
             level_stats = mean_ci([r.final_value for r in trials], confidence)
             levels[axis].append(LevelStats(axis, level, level_stats, level_stats.mean - grand_mean))
 
-    by_config: dict[tuple[tuple[str, str], ...], list[float]] = defaultdict(list)
-    for r in usable:
-        by_config[tuple((axis, r.axes.get(axis, "")) for axis in axes)].append(r.final_value)
     sign = 1.0 if mode == "min" else -1.0
     configs = sorted(
-        (ConfigStats(dict(key), mean_ci(values, confidence)) for key, values in by_config.items()),
+        (ConfigStats(dict(key), mean_ci([r.final_value for r in trials], confidence))
+         for key, trials in by_configuration(usable, axes).items()),
         key=lambda c: (sign * c.stats.mean, c.label),
     )
     importances = param_importances(usable, axes, mode) if design == "optuna" else None
@@ -435,18 +450,15 @@ def quality_table(results: Sequence[TrialResult], axes: Sequence[str]) -> list[t
         (configuration label, metric -> mean over the trials that logged it) in natural level
         order; empty when no trial logged any quality metric (e.g. alignment sweeps).
     """
-    by_config: dict[tuple[tuple[str, str], ...], list[TrialResult]] = defaultdict(list)
-    for r in results:
-        by_config[tuple((axis, r.axes.get(axis, "")) for axis in axes)].append(r)
     rows = []
-    for key in sorted(by_config, key=lambda k: [level_sort_key(v) for _, v in k]):
+    for key, trials in by_configuration(results, axes).items():
         means = {}
         for metric in QUALITY_METRICS:
-            values = [r.metrics[metric] for r in by_config[key] if math.isfinite(r.metrics.get(metric, math.nan))]
+            values = [r.metrics[metric] for r in trials if math.isfinite(r.metrics.get(metric, math.nan))]
             if values:
                 means[metric] = float(np.mean(values))
         if means:
-            rows.append((",".join(f"{a}={v}" for a, v in key), means))
+            rows.append((config_label(key), means))
     return rows
 
 
@@ -489,13 +501,8 @@ def threshold_table(
     """
     if not math.isfinite(threshold):
         raise ReportError(f"threshold={threshold} is invalid; use a finite number in the metric's units")
-    by_config: dict[tuple[tuple[str, str], ...], list[TrialResult]] = defaultdict(list)
-    for r in results:
-        if r.usable:
-            by_config[tuple((axis, r.axes.get(axis, "")) for axis in axes)].append(r)
     rows = []
-    for key in sorted(by_config, key=lambda k: [level_sort_key(v) for _, v in k]):
-        trials = by_config[key]
+    for key, trials in by_configuration((r for r in results if r.usable), axes).items():
         steps = [s for s in (steps_to_threshold(r.history, threshold, mode) for r in trials) if s is not None]
         rows.append(
             ThresholdRow(
@@ -536,7 +543,7 @@ def loglog_fit(dims: Sequence[float], values: Sequence[float], confidence: float
 
 def dimension_groups(
     results: Sequence[TrialResult], axes: Sequence[str]
-) -> dict[tuple[tuple[str, str], ...], list[TrialResult]]:
+) -> dict[ConfigKey, list[TrialResult]]:
     """Usable trials carrying the dimension axis, grouped by the other axes' levels.
 
     Args:
@@ -547,11 +554,7 @@ def dimension_groups(
         ((axis, level) of the other axes, ...) -> trials, groups in natural level order.
     """
     others = [a for a in axes if a != DIM_AXIS]
-    groups: dict[tuple[tuple[str, str], ...], list[TrialResult]] = defaultdict(list)
-    for r in results:
-        if r.usable and DIM_AXIS in r.axes:
-            groups[tuple((a, r.axes.get(a, "")) for a in others)].append(r)
-    return {key: groups[key] for key in sorted(groups, key=lambda k: [level_sort_key(v) for _, v in k])}
+    return by_configuration((r for r in results if r.usable and DIM_AXIS in r.axes), others)
 
 
 def means_by_dim(trials: Sequence[TrialResult], metric: str) -> dict[float, float]:
@@ -626,8 +629,7 @@ def dimension_extremes(
             means = means_by_dim(trials, metric)
             if means:
                 low[metric], high[metric] = means[min(means)], means[max(means)]
-        label = ",".join(f"{a}={v}" for a, v in key) or "all"
-        rows.append((label, low, high))
+        rows.append((config_label(key) or "all", low, high))
     return rows
 
 
@@ -1076,7 +1078,7 @@ def _intro(summary: AblationSummary) -> list[str]:
     ] + (
         [
             "One factor at a time: each axis's levels pool only the trials with the other axes at the "
-            "baseline " + ",".join(f"{a}={v}" for a, v in summary.baseline.items()) + "."
+            "baseline " + config_label(summary.baseline.items()) + "."
         ]
         if summary.baseline
         else []
