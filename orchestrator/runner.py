@@ -320,7 +320,7 @@ class SweepCallback(Callback):
             self._live.start()
 
     def _child(self, trial: TuneTrial):
-        client = RetryingClient(_ACTIVE["tracking_uri"], mask_uri(_ACTIVE["tracking_uri"]))
+        client = RetryingClient(_ACTIVE["tracking_uri"])
         try:
             found = client.search_runs(
                 [self.experiment_id],
@@ -549,7 +549,7 @@ def run_sweep(plan, plan_path: str | os.PathLike, *, resume: bool = False, conso
     try:
         check_resources(plan)
         # -- 2. parent run and sweep state.
-        client = RetryingClient(tracking_uri, masked_uri)
+        client = RetryingClient(tracking_uri)
         experiment_id = ensure_experiment(client, resolve_experiment(plan))
         trials = _planned_trials(plan)
         n_total = len(trials) or plan.design.n_trials
@@ -696,7 +696,7 @@ def sweep_status(plan) -> SweepSummary:
         return SweepSummary(n_total=0, tracking_uri=masked_uri, experiment_name=resolve_experiment(plan),
                             message=f"no sweep named {plan.name!r} has been started")
     preflight_tracking(tracking_uri, masked_uri)
-    client = RetryingClient(tracking_uri, masked_uri)
+    client = RetryingClient(tracking_uri)
     summary = _summary_from_runs(plan, client, state["experiment_id"], state["parent_run_id"],
                                  state["n_total"], masked_uri)
     summary.stopped_reason = state.get("stopped_reason")

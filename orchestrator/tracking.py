@@ -46,6 +46,7 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import DriftsweepError, TrackingUnreachableError
+from orchestrator.plan import mask_uri
 
 PARENT_TAG = "mlflow.parentRunId"
 PLAN_HASH_TAG = "driftsweep.plan_hash"
@@ -194,17 +195,16 @@ class RetryingClient:
     database URIs) are called once, their errors unchanged.
 
     Args:
-        tracking_uri: the real URI (may hold credentials).
-        masked_uri: the URI for messages (credentials masked); default: tracking_uri.
+        tracking_uri: the real URI (may hold credentials; messages show it masked).
         window_s: retry window in seconds; default: retry_window_s().
     """
 
-    def __init__(self, tracking_uri: str, masked_uri: str | None = None, window_s: float | None = None):
+    def __init__(self, tracking_uri: str, window_s: float | None = None):
         remote = urllib.parse.urlparse(tracking_uri).scheme in ("http", "https")
         if remote:
             configure_mlflow_http()
         self.raw = MlflowClient(tracking_uri)
-        self.masked_uri = masked_uri or tracking_uri
+        self.masked_uri = mask_uri(tracking_uri)
         self.window_s = (retry_window_s() if window_s is None else window_s) if remote else 0.0
         self.remote = remote
         self._uri = tracking_uri
