@@ -30,6 +30,7 @@ from workloads.alignment import alignment_draws
 from workloads.config import WorkloadConfig
 from workloads.datasets import make_dataset
 from workloads.drift import kernel_fields
+from workloads.train import evaluation_steps
 
 _logger = logging.getLogger(__name__)
 
@@ -48,20 +49,6 @@ SCATTER_SIZE_IN = (4.5, 4.5)  # figure size in inches
 def sample_artifact_name(step: int) -> str:
     """`samples/step-0000100.png`: zero-padded so artifact listings sort by step."""
     return f"{SAMPLES_DIR}/step-{step:07d}.png"
-
-
-def evaluation_steps(total_steps: int, eval_every_steps: int) -> list[int]:
-    """The steps at which `workloads.train.train` evaluates: every eval_every_steps and the last.
-
-    Args:
-        total_steps: training steps.
-        eval_every_steps: evaluation period in steps.
-
-    Returns:
-        Increasing list of steps.
-    """
-    steps = list(range(eval_every_steps, total_steps + 1, eval_every_steps))
-    return steps if steps and steps[-1] == total_steps else [*steps, total_steps]
 
 
 def plot_steps(total_steps: int, eval_every_steps: int, max_plots: int = MAX_SAMPLE_PLOTS) -> set[int]:

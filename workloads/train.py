@@ -128,6 +128,20 @@ def _drift_loss(
     return loss, drift_rms
 
 
+def evaluation_steps(total_steps: int, eval_every_steps: int) -> list[int]:
+    """The steps at which `train` evaluates (and reports): every eval_every_steps and the last.
+
+    Args:
+        total_steps: training steps.
+        eval_every_steps: evaluation period in steps.
+
+    Returns:
+        Increasing list of steps.
+    """
+    steps = list(range(eval_every_steps, total_steps + 1, eval_every_steps))
+    return steps if steps and steps[-1] == total_steps else [*steps, total_steps]
+
+
 def _empty_sums(num_temperatures: int) -> dict[str, Any]:
     """Running sums since the last evaluation (means are reported): loss, grad_norm, step_time_s
     (seconds), drift_rms per temperature."""
@@ -192,6 +206,7 @@ def train(
     evaluator = _Evaluator(config, dataset, seeds["eval"], progress)
     pos_batch_size = config.pos_batch_size or config.batch_size
     checkpoint_every_steps = config.checkpoint_every_steps or config.eval_every_steps
+    eval_steps = set(evaluation_steps(config.total_steps, config.eval_every_steps))
     sums = _empty_sums(len(config.temperatures))
     steps_in_window = 0
     start_step, final = 0, {}
@@ -241,7 +256,7 @@ def train(
         steps_in_window += 1
         bar.update()
 
-        is_eval = step % config.eval_every_steps == 0 or step == config.total_steps
+        is_eval = step in eval_steps
         if is_eval:
             # -- evaluate on the fixed evaluation set (EMA weights when enabled).
             fake = evaluator.samples(ema.model if ema is not None else model, device)
