@@ -94,6 +94,19 @@ def record_counts(kind: str, *, trials_lost: int, duplicate_runs: int, orphan_ru
                                   "orphan_running": orphan_running}) + "\n")
 
 
+def assert_nothing_lost(client: MlflowClient, name: str, kind: str) -> tuple[list, list]:
+    """The sweep's runs after a `kind` fault: counts recorded for the fault table, all asserted 0.
+
+    Returns:
+        (parents, children) as sweep_runs.
+    """
+    parents, children = sweep_runs(client, name)
+    counts = outcome_counts(parents, children, {"t0000", "t0001"})
+    record_counts(kind, **counts)
+    assert counts == {"trials_lost": 0, "duplicate_runs": 0, "orphan_running": 0}
+    return parents, children
+
+
 def outcome_counts(parents: list, children: list, trial_ids: set[str], failed_ids: frozenset[str] = frozenset()
                    ) -> dict[str, int]:
     """What a fault cost, read from MLflow.
@@ -174,11 +187,8 @@ def test_worker_node_death_resumes_trial_from_checkpoint_elsewhere(three_node_cl
         stdout, stderr = driver.communicate(timeout=300)
     assert driver.returncode == 0, stderr[-2000:]
 
-    parents, children = sweep_runs(client, name)
+    parents, children = assert_nothing_lost(client, name, "worker node death")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    counts = outcome_counts(parents, children, {"t0000", "t0001"})
-    record_counts("worker node death", **counts)
-    assert counts == {"trials_lost": 0, "duplicate_runs": 0, "orphan_running": 0}
     assert len(children) == 2
     restored = next(c for c in children if c.data.tags["trial_id"] == victim.data.tags["trial_id"])
     assert restored.info.run_id == victim.info.run_id
@@ -327,10 +337,7 @@ def test_mlflow_server_restart_mid_sweep_loses_no_metric(server, write_plan, tmp
         stdout, stderr = driver.communicate(timeout=300)
     assert driver.returncode == 0, stderr[-2000:]
 
-    parents, children = sweep_runs(client, name)
-    counts = outcome_counts(parents, children, {"t0000", "t0001"})
-    record_counts("MLflow server restart", **counts)
-    assert counts == {"trials_lost": 0, "duplicate_runs": 0, "orphan_running": 0}
+    parents, children = assert_nothing_lost(client, name, "MLflow server restart")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2
     reported = tune_reported_steps(tmp_cwd / "tune" / name)
     during_outage = 0
@@ -383,10 +390,7 @@ def test_mlflow_server_down_for_good_fails_in_bounded_time_then_resumes(server, 
     resumed = run_cli("resume", str(path), cwd=tmp_cwd)
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-2000:]
-    parents, children = sweep_runs(client, name)
-    counts = outcome_counts(parents, children, {"t0000", "t0001"})
-    record_counts("MLflow server down for good, then resume", **counts)
-    assert counts == {"trials_lost": 0, "duplicate_runs": 0, "orphan_running": 0}
+    parents, children = assert_nothing_lost(client, name, "MLflow server down for good, then resume")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     for child in children:
         assert child.info.status == "FINISHED", child.data.tags.get("error")
