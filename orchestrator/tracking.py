@@ -375,6 +375,27 @@ def one_line(exc: BaseException, limit: int = 500) -> str:
     return f"{type(exc).__name__}: {text}"[:limit]
 
 
+def last_logged_step(client: MlflowClient, run) -> int:
+    """The highest evaluation step a run holds: the max of its `last_step` tag and of its metric steps.
+
+    The tag alone is not enough: MLflow's log_batch commits the metrics and the tags of one call
+    separately, so a process killed between the two commits leaves metrics one evaluation ahead of
+    the tag. System metrics (`system/...`, the monitor's own step count) are not evaluations.
+
+    Args:
+        client: a client of the run's tracking store.
+        run: the run (as returned by get_run/search_runs).
+
+    Returns:
+        The step, -1 when nothing was logged.
+    """
+    step = int(run.data.tags.get(LAST_STEP_TAG, -1))
+    for key in run.data.metrics:
+        if not key.startswith("system/"):
+            step = max([step, *(m.step for m in client.get_metric_history(run.info.run_id, key))])
+    return step
+
+
 class ChildRun:
     """The child run of one trial, opened (or reopened) inside the trial process.
 
@@ -414,7 +435,7 @@ class ChildRun:
         run, created = self.client.call(find_or_create, "create_run")
         self.run_id = run.info.run_id
         self.reused = not created
-        self.last_logged_step = -1 if created else int(run.data.tags.get(LAST_STEP_TAG, -1))
+        self.last_logged_step = -1 if created else last_logged_step(self.client, run)
         if not created and run.info.status == RunStatus.to_string(RunStatus.FINISHED):
             # The trial already ran to the end (a driver killed before Tune saved that): left as is.
             self.finished_metrics = dict(run.data.metrics)
@@ -433,8 +454,8 @@ class ChildRun:
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> bool:
         """Log one evaluation's metrics at `step` (one log_batch call).
 
-        Steps at or below the last logged step are skipped, so a trial resumed from an older
-        checkpoint never writes a step twice.
+        Steps at or below the last logged step (`last_logged_step`) are skipped, so a trial resumed
+        from an older checkpoint never writes a step twice.
 
         Returns:
             True when logged, False when skipped.

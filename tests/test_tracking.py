@@ -7,6 +7,7 @@ import time
 
 import pytest
 import ray
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port
@@ -93,6 +94,29 @@ def test_child_run_is_reused_and_never_logs_a_step_twice(tmp_path):
     assert sorted((m.step, m.value) for m in history) == [(10, 1.0), (20, 0.9), (30, 0.8)]
     children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert len(children) == 1 and children[0].info.status == "FINISHED"
+
+
+def test_reused_child_run_skips_a_step_whose_metrics_landed_without_its_tag(tmp_path):
+    """MLflow's log_batch commits metrics, then tags: a trial killed between the two commits left the
+    step-800 metrics with last_step still 400. The resumed trial must not log step 800 again."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, "torn")
+    parent = client.create_run(experiment_id, run_name="parent").info.run_id
+    args = (uri, experiment_id, parent, "t0001", "kernel=laplace", {"kernel": "laplace"}, {})
+    first = ChildRun(*args)
+    assert first.log_metrics(400, {"swd": 0.5, "loss": 1.0})
+    # The torn write: step 800's metrics committed, the tag commit never happened; system metrics
+    # (their own step count, here far ahead) are not evaluations.
+    client.log_batch(first.run_id, metrics=[Metric("swd", 0.4, 0, 800), Metric("loss", 0.9, 0, 800),
+                                            Metric("system/cpu_utilization_percentage", 50.0, 0, 5000)])
+    assert client.get_run(first.run_id).data.tags["last_step"] == "400"
+
+    resumed = ChildRun(*args)
+    assert resumed.reused and resumed.last_logged_step == 800
+    assert not resumed.log_metrics(800, {"swd": 0.4, "loss": 0.9})  # recomputed from the 400 checkpoint
+    assert resumed.log_metrics(1200, {"swd": 0.3, "loss": 0.8})
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "swd")) == [400, 800, 1200]
 
 
 def test_gpu_hours_stopper_sums_gpus_times_trial_seconds():
