@@ -27,6 +27,7 @@ drops exact duplicates) and a child run is looked up before it is (re)created.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -47,6 +48,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import DriftsweepError, TrackingUnreachableError
 from orchestrator.plan import mask_uri
+
+_logger = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 PLAN_HASH_TAG = "driftsweep.plan_hash"
@@ -191,8 +194,9 @@ class RetryingClient:
     TrackingUnreachableError; the wait is therefore at most window_s + one request timeout (20 s,
     `configure_mlflow_http`). After a call gave up, later calls to the same URI in this process try
     once (no new wait) until one succeeds, so a process that already waited does not wait again on its
-    way out (ending the run FAILED, the driver's status updates). Other stores (sqlite, file,
-    database URIs) are called once, their errors unchanged.
+    way out (ending the run FAILED, the driver's status updates). A call that starts waiting logs one
+    warning, and one more when the server answers again, so a stalled trial or driver says why it
+    stalls. Other stores (sqlite, file, database URIs) are called once, their errors unchanged.
 
     Args:
         tracking_uri: the real URI (may hold credentials; messages show it masked).
@@ -241,10 +245,17 @@ class RetryingClient:
                         f"({failure_kind(exc)}; retry window {self.window_s:g} s, env {RETRY_WINDOW_ENV}); "
                         "start the server, then `driftsweep resume` the plan"
                     ) from None
+                if waited_s == 0:
+                    _logger.warning("driftsweep: tracking.uri=%s did not answer %s (%s); retrying for up to %g s "
+                                    "(env %s)", self.masked_uri, what, failure_kind(exc), self.window_s,
+                                    RETRY_WINDOW_ENV)
                 time.sleep(min(backoff_s * (1 + 0.1 * random.random()), self.window_s - waited_s))
                 backoff_s = min(2 * backoff_s, MAX_BACKOFF_S)
             else:
                 _GAVE_UP_URIS.discard(self._uri)
+                if first_failure is not None:
+                    _logger.warning("driftsweep: tracking.uri=%s answered %s again after %.1f s", self.masked_uri,
+                                    what, time.monotonic() - first_failure)
                 return result
 
     def __getattr__(self, name: str):
@@ -464,7 +475,8 @@ class ChildRun:
             return False
         timestamp_ms = int(time.time() * 1000)
         batch = [Metric(key, float(value), timestamp_ms, step) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch, tags=[RunTag(LAST_STEP_TAG, str(step))])
+        tags = [RunTag(LAST_STEP_TAG, str(step))]
+        self.client.call(lambda raw: raw.log_batch(self.run_id, metrics=batch, tags=tags), f"log_batch of step {step}")
         self.last_logged_step = step
         return True
 
