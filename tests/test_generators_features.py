@@ -77,7 +77,11 @@ def test_ema_update_is_the_convex_combination():
             p.add_(1.0)
     ema.update(model)
     for before, after, new in zip(old, ema.model.parameters(), model.parameters()):
-        np.testing.assert_allclose(after.double(), 0.9 * before + 0.1 * new.detach().double(), rtol=1e-6)
+        new = new.detach().double()
+        # float32 arithmetic: the rounding error scales with the summands, not with the result (which
+        # can cancel to near 0, where a relative tolerance fails; stop 9's CI drew such an init).
+        bound = 4 * torch.finfo(torch.float32).eps * (0.9 * before.abs() + 0.1 * new.abs())
+        assert torch.all((after.double() - (0.9 * before + 0.1 * new)).abs() <= bound)
     assert not any(p.requires_grad for p in ema.model.parameters())
     restored = EMA(nn.Linear(3, 2), decay=0.5)
     restored.load_state_dict(ema.state_dict())
