@@ -33,6 +33,7 @@ from pydantic import (
     Field,
     NonNegativeInt,
     PositiveInt,
+    PrivateAttr,
     Tag,
     ValidationError,
     field_validator,
@@ -421,6 +422,15 @@ class Plan(_Strict):
     failure: Failure = Field(default_factory=Failure)
     tracking: Tracking = Field(default_factory=Tracking)
     cluster: Cluster = Field(default_factory=Cluster)
+    # The directory the plan was loaded in (the driver's working directory). Relative local paths
+    # (workloads.config.PATH_FIELDS, a relative sqlite/file tracking URI) are taken against it, because
+    # Ray Tune runs each trial in a directory of its own. Travels with the plan to the trial processes.
+    _base_dir: str = PrivateAttr(default_factory=os.getcwd)
+
+    @property
+    def base_dir(self) -> str:
+        """The directory relative paths of this plan are taken against."""
+        return self._base_dir
 
     @model_validator(mode="after")
     def _check_plan(self) -> Plan:
@@ -642,7 +652,7 @@ def _build_trial(plan: Plan, params: dict[str, Any], index: int, replicate: int,
     if plan.replicates > 1:
         parts.append(f"rep={replicate}")
     try:
-        config = _with_params(plan.workload, params, seed=seed)
+        config = _with_params(plan.workload, params, seed=seed).with_absolute_paths(plan.base_dir)
     except ValidationError as exc:
         combo = ",".join(f"{k}={_format_value(v)}" for k, v in params.items())
         raise PlanFieldError("axes", f"the combination {combo} is invalid: {_first_error(exc)}",
@@ -928,18 +938,29 @@ def mask_uri(uri: str | None) -> str | None:
 def resolve_tracking_uri(plan: Plan, cwd: str | os.PathLike[str] | None = None) -> str:
     """tracking.uri, else env MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (embedded local store).
 
+    A relative local store (`sqlite:///mlflow.db`, `file:mlruns`, `mlruns`) is made absolute against
+    the directory the plan was loaded in, so the driver and every trial use the same store.
+
     Args:
         plan: the plan.
-        cwd: directory of the default store (default: the current directory).
+        cwd: directory of the default and relative stores (default: plan.base_dir, where it was loaded).
 
     Returns:
         The tracking URI (unmasked: for mlflow, not for printing).
     """
-    if plan.tracking.uri:
-        return plan.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / 'mlflow.db'}"
+    base = Path(cwd or plan.base_dir)
+    uri = plan.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{base.resolve() / 'mlflow.db'}"
+    # A relative local store would be a different file in every trial's directory: make it absolute.
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        path = Path(uri.removeprefix("sqlite:///")).expanduser()
+        return f"sqlite:///{(base / path).resolve()}" if not path.is_absolute() else f"sqlite:///{path}"
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return f"file://{(base / Path(uri.removeprefix('file:')).expanduser()).resolve()}"
+    if "://" not in uri and not uri.startswith("file:"):
+        return str((base / Path(uri).expanduser()).resolve())  # a bare path: MLflow's file store
+    return uri
 
 
 def resolve_experiment(plan: Plan) -> str:
@@ -953,10 +974,13 @@ def resolve_ray_address(plan: Plan) -> str | None:
 
 
 def resolve_storage_path(plan: Plan, cwd: str | os.PathLike[str] | None = None) -> str:
-    """cluster.storage_path, else <cwd>/ray_results (absolute)."""
-    if plan.cluster.storage_path:
-        return plan.cluster.storage_path
-    return str(Path(cwd or os.getcwd()).resolve() / "ray_results")
+    """cluster.storage_path, else <cwd>/ray_results; a local path made absolute against cwd (default:
+    plan.base_dir, where the plan was loaded); a URI (s3://, gs://...) unchanged."""
+    base = Path(cwd or plan.base_dir)
+    storage = plan.cluster.storage_path
+    if storage and "://" in storage:
+        return storage
+    return str((base / Path(storage or "ray_results").expanduser()).resolve())
 
 
 def is_local_tracking_uri(uri: str) -> bool:

@@ -430,7 +430,7 @@ def _ensure_parent(plan, plan_path: Path, client: MlflowClient, experiment_id: s
 def _cache_configs(plan, trials: list) -> list:
     """Workload configs whose shared caches to build: every planned trial; optuna designs: the base
     workload (a cache needed only by a sampled axis level is built by the first trial needing it)."""
-    return [trial.config for trial in trials] if trials else [plan.workload]
+    return [trial.config for trial in trials] if trials else [plan.workload.with_absolute_paths(plan.base_dir)]
 
 
 def warm_caches(configs, console=None) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ import yaml
 
 from orchestrator.errors import PlanError
 from orchestrator.plan import (
+    Cluster,
     Plan,
+    Tracking,
     count_trials,
     expand_trials,
     load_plan,
@@ -352,6 +355,36 @@ def test_mask_uri(uri, masked):
     assert "s3cret" not in mask_uri(uri) and "tok:en" not in mask_uri(uri)
 
 
+def test_relative_paths_are_taken_against_the_directory_the_plan_was_loaded_in(tmp_path, monkeypatch):
+    """Tune runs each trial in a directory of its own: a relative path must not follow it there."""
+    here, elsewhere = tmp_path / "here", tmp_path / "trial-dir"
+    here.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(here)
+    plan = _plan(
+        "name: a\nworkload: {data: {root: ~/cifar}, features: {encoder_cache: cache/enc.pt}}\n"
+        "axes: {features.pretrained_weights: [w/one.pt, /abs/two.pt]}\ntracking: {uri: 'sqlite:///runs/m.db'}"
+    )
+    plan = pickle.loads(pickle.dumps(plan))  # as it travels to a trial process
+    monkeypatch.chdir(elsewhere)  # the trial's working directory
+    assert plan.base_dir == str(here)
+    configs = [trial.config for trial in expand_trials(plan)]
+    assert [c.features.pretrained_weights for c in configs] == [str(here / "w/one.pt"), "/abs/two.pt"]
+    assert {c.features.encoder_cache for c in configs} == {str(here / "cache/enc.pt")}
+    assert {c.data.root for c in configs} == {str(Path.home() / "cifar")}
+    assert plan.workload.features.encoder_cache == "cache/enc.pt"  # the plan itself is left as written
+
+    def uri(value: str) -> str:
+        return resolve_tracking_uri(plan.model_copy(update={"tracking": Tracking(uri=value)}))
+
+    assert resolve_tracking_uri(plan) == f"sqlite:///{here.resolve()}/runs/m.db"
+    assert uri("file:mlruns") == f"file://{here.resolve()}/mlruns"
+    assert uri("mlruns") == str(here.resolve() / "mlruns")
+    assert uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    storage = plan.model_copy(update={"cluster": Cluster(storage_path="state")})
+    assert resolve_storage_path(storage) == str(here.resolve() / "state")
+
+
 def test_errors_never_print_credentials():
     with pytest.raises(PlanError) as info:
         _plan("name: a\naxes: {kernel: [laplace]}\ntracking: {uri: 'ftp://me:hunter2@host/x'}")
@@ -370,5 +403,5 @@ def test_default_resolution(tmp_path, monkeypatch):
     assert resolve_tracking_uri(plan, cwd=tmp_path) == "http://127.0.0.1:5001"
     assert resolve_ray_address(plan) == "ray://127.0.0.1:10001"
     explicit = _plan("name: a\naxes: {kernel: [laplace]}\ntracking: {uri: 'sqlite:///x.db'}\ncluster: {address: auto}")
-    assert resolve_tracking_uri(explicit) == "sqlite:///x.db"
+    assert resolve_tracking_uri(explicit) == f"sqlite:///{Path.cwd().resolve()}/x.db"  # relative: made absolute
     assert resolve_ray_address(explicit) == "auto"

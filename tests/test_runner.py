@@ -24,6 +24,24 @@ def children_of(client: MlflowClient, experiment_id: str, parent_id: str) -> lis
 
 
 @pytest.mark.slow
+def test_relative_store_and_paths_resolve_where_the_plan_was_loaded(tmp_cwd, write_plan):
+    """Each trial runs in a Tune directory of its own: a relative sqlite URI in the plan must still be the
+    driver's store (not a missing file in every trial's directory), and a relative path field must reach
+    the trial absolute."""
+    (tmp_cwd / "stores").mkdir()
+    path = write_plan("relative", {"kernel": ["laplace", "gaussian"]}, tracking={"uri": "sqlite:///stores/m.db"},
+                      workload={**TINY_WORKLOAD, "features": {"encoder_cache": "cache/enc.pt"}})
+    summary = run_sweep(load_plan(path), path)
+    client = MlflowClient(f"sqlite:///{tmp_cwd}/stores/m.db")
+    experiment = client.get_experiment_by_name("relative")
+    children = children_of(client, experiment.experiment_id, summary.parent_run_id)
+    assert summary.n_completed == 2 and len(children) == 2
+    for child in children:
+        assert child.info.status == "FINISHED", child.data.tags.get("error")
+        assert child.data.params["features.encoder_cache"] == str(tmp_cwd / "cache" / "enc.pt")
+
+
+@pytest.mark.slow
 def test_quick_plan_end_to_end_embedded_default(tmp_cwd, write_plan):
     """1 parent + 4 nested children with the trial's params/tags and per-step metrics."""
     path = write_plan("quick-e2e", {"kernel": ["laplace", "gaussian"], "anneal_rate": [0.0, 3.0]})

@@ -15,6 +15,8 @@ run lengths; anneal_rate = 0 turns annealing off.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
@@ -30,6 +32,10 @@ GeneratorName = Literal["auto", "mlp", "conv"]
 DATASET_SIZES: dict[str, int] = {"digits": 1797, "cifar10": 50000}
 TOY_DATASETS = ("ring_mog", "swiss_roll", "checkerboard", "two_moons")
 IMAGE_DATASETS = ("digits", "cifar10")
+# Fields that name a local file or directory. `~` is expanded and a relative path is taken against a
+# base directory by `WorkloadConfig.with_absolute_paths` (the orchestrator uses the directory the plan
+# was loaded in: Ray Tune runs each trial in a directory of its own).
+PATH_FIELDS = ("data.root", "features.encoder_cache", "features.pretrained_weights")
 
 
 class _Strict(BaseModel):
@@ -159,6 +165,26 @@ class WorkloadConfig(_Strict):
                     "lower eval_every_steps"
                 )
         return self
+
+    def with_absolute_paths(self, base_dir: str | os.PathLike[str]) -> WorkloadConfig:
+        """This config with every path of PATH_FIELDS `~`-expanded and made absolute against base_dir.
+
+        Args:
+            base_dir: the directory relative paths are taken against.
+
+        Returns:
+            A new config (self when no path field is set).
+        """
+        data = self.model_dump()
+        changed = False
+        for dotted in PATH_FIELDS:
+            section, name = dotted.split(".")
+            value = data[section][name]
+            if value is not None:
+                absolute = os.path.normpath(Path(base_dir, Path(value).expanduser()))
+                changed |= absolute != value
+                data[section][name] = absolute
+        return WorkloadConfig.model_validate(data) if changed else self
 
     @property
     def is_image(self) -> bool:
