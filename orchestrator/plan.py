@@ -86,6 +86,10 @@ class PlanFieldError(PlanError):
         self.path, self.message, self.fix = path, message, fix
         super().__init__(f"{path}: {message}; {fix}")
 
+    def __reduce__(self):
+        # Picklable with its three arguments: raised in a trial process, Ray sends it to the driver.
+        return type(self), (self.path, self.message, self.fix)
+
 
 # ---------------------------------------------------------------------------------------------
 # Axes
