@@ -54,6 +54,7 @@ from orchestrator.pruning import (
 )
 from orchestrator.tracking import (
     PLAN_HASH_TAG,
+    ChildRun,
     RetryingClient,
     child_runs,
     create_parent_run,
@@ -66,7 +67,15 @@ from orchestrator.tracking import (
     preflight_tracking,
     ui_hint,
 )
-from orchestrator.trainable import TRIAL_INDEX_KEY, SweepContext, run_trial, sampled_trial_name
+from orchestrator.trainable import (
+    SAMPLED_PREFIX,
+    TRIAL_INDEX_KEY,
+    SweepContext,
+    resolve_trial,
+    run_trial,
+    sampled_trial_name,
+    trial_params_and_tags,
+)
 
 STATE_FILE = "driftsweep.json"
 RAY_CONNECT_TIMEOUT_S = 5.0
@@ -586,6 +595,7 @@ def run_sweep(plan, plan_path: str | os.PathLike, *, resume: bool = False, conso
         interrupted = bool(unfinished) and stopped_reason is None
         pruned_ids = pruning.pruned_trial_ids if pruning is not None else None
         _reconcile(client, experiment_id, parent_run_id, analysis.trials, pruned_ids, stopped_reason)
+        _record_unreached(context, analysis.trials, client)
         summary = _summary_from_runs(plan, client, experiment_id, parent_run_id, n_total, masked_uri)
         summary.stopped_reason = stopped_reason
         parent_tags = {"stopped_reason": stopped_reason} if stopped_reason else {}
@@ -637,6 +647,48 @@ def _reconcile(client: MlflowClient, experiment_id: str, parent_run_id: str, tri
                     client.delete_tag(run.info.run_id, "pruned")
         if status != run.info.status or tags:
             end_run(client, run.info.run_id, status, tags)
+
+
+def _error_line(trial: TuneTrial) -> str:
+    """The last line of a failed Tune trial's error file (the exception), or where to find it."""
+    try:
+        lines = [line.strip() for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
+    except (OSError, TypeError):
+        lines = []
+    return lines[-1][:500] if lines else f"see {trial.error_file}"
+
+
+def _record_unreached(context: SweepContext, trials: list, client: MlflowClient) -> None:
+    """Record FAILED every trial Tune ended in ERROR that never made its child run.
+
+    A trial process can fail before it reaches MLflow (it cannot reach the store, it crashed while
+    starting, an optuna-sampled combination the workload rejects): its run is then made here, on
+    the driver, so the summary, the exit code and the MLflow UI count it instead of losing it.
+
+    Args:
+        context: the sweep context (plan, planned trials, tracking URI, experiment, parent run).
+        trials: Tune's final trials.
+        client: a client of the tracking store.
+    """
+    recorded = {run.data.tags.get("ray_trial_id")
+                for run in child_runs(client, context.experiment_id, context.parent_run_id)}
+    for trial in trials:
+        if trial.status != TuneTrial.ERROR or trial.trial_id in recorded:
+            continue
+        name = sampled_trial_name(trial) if TRIAL_INDEX_KEY not in trial.config else ""
+        try:
+            planned = resolve_trial(context, trial.config, name)
+            params, tags = trial_params_and_tags(planned)
+            trial_id, run_name = planned.trial_id, planned.name
+        except Exception:  # noqa: BLE001 - a sampled combination the workload rejects: record what Tune holds
+            params = {f"axis.{key}": str(value) for key, value in trial.config.items()}
+            tags = dict(params)
+            trial_id, run_name = f"t{int(name.removeprefix(SAMPLED_PREFIX)):04d}", name
+        tags["ray_trial_id"] = trial.trial_id
+        child = ChildRun(context.tracking_uri, context.experiment_id, context.parent_run_id, trial_id, run_name,
+                         params, tags)
+        if child.finished_metrics is None:
+            child.fail(f"trial failed before it reached MLflow: {_error_line(trial)}")
 
 
 def _tag_value(text: str):

@@ -385,6 +385,15 @@ def test_relative_paths_are_taken_against_the_directory_the_plan_was_loaded_in(t
     assert resolve_storage_path(storage) == str(here.resolve() / "state")
 
 
+def test_plan_field_error_survives_pickling():
+    """Raised in a trial process (a sampled combination the workload rejects), it travels to the driver."""
+    from orchestrator.plan import PlanFieldError
+
+    error = pickle.loads(pickle.dumps(PlanFieldError("axes", "the combination x=1 is invalid", "remove that level")))
+    assert (error.path, error.message, error.fix) == ("axes", "the combination x=1 is invalid", "remove that level")
+    assert str(error) == "axes: the combination x=1 is invalid; remove that level"
+
+
 def test_errors_never_print_credentials():
     with pytest.raises(PlanError) as info:
         _plan("name: a\naxes: {kernel: [laplace]}\ntracking: {uri: 'ftp://me:hunter2@host/x'}")

@@ -9,13 +9,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import DriftsweepError
 from orchestrator.plan import expand_trials, load_plan, resolve_tracking_uri
-from orchestrator.runner import run_sweep, sweep_status
+from orchestrator.runner import _record_unreached, run_sweep, sweep_status
+from orchestrator.trainable import SweepContext
 from orchestrator.tracking import flatten
 from conftest import EVAL_STEPS, TINY_WORKLOAD
 
@@ -125,6 +127,54 @@ def test_failing_trial_recorded_failed_others_finish(write_plan):
     assert failed.data.tags["error"].startswith("NonFiniteLossError")
     assert "last_step" in failed.data.tags
     assert (summary.n_completed, summary.n_failed) == (1, 1)
+
+
+@pytest.mark.slow
+def test_trial_that_fails_before_reaching_mlflow_is_recorded_failed(write_plan):
+    """An optuna-sampled combination the workload rejects fails in the trial process before its child
+    run exists: the driver records it FAILED with the reason, and the sweep counts it (exit 3)."""
+    path = write_plan("unreached", {"total_steps": [20], "eval_every_steps": [30]}, failure={"max_retries": 0},
+                      design={"type": "optuna", "sampler": "random", "n_trials": 2, "seed": 1})
+    plan = load_plan(path)  # each level alone is valid against the base workload: validation passes
+    summary = run_sweep(plan, path)
+    assert summary.n_failed == 2 and summary.n_completed == 0
+    client = MlflowClient(resolve_tracking_uri(plan))
+    experiment = client.get_experiment_by_name("unreached")
+    children = children_of(client, experiment.experiment_id, summary.parent_run_id)
+    assert sorted((c.data.tags["trial_id"], c.info.run_name) for c in children) == [
+        ("t0000", "sampled-0000"), ("t0001", "sampled-0001")]
+    for child in children:
+        assert child.info.status == "FAILED"
+        error = child.data.tags["error"]
+        assert error.startswith("trial failed before it reached MLflow:") and "exceeds total_steps=20" in error
+        assert child.data.params["axis.eval_every_steps"] == "30" and child.data.tags["ray_trial_id"]
+
+
+def test_record_unreached_uses_the_planned_trial(tmp_cwd, write_plan):
+    """Grid trials in ERROR with no run get the planned trial's run (name, params, tags); a trial that has
+    a run, or did not fail, is left alone. Tune's trials are stood in by objects with the same fields."""
+    path = write_plan("unreached-grid", {"kernel": ["laplace", "gaussian"]})
+    plan = load_plan(path)
+    planned = expand_trials(plan)
+    uri = resolve_tracking_uri(plan)
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("unreached-grid")
+    parent = client.create_run(experiment_id, run_name="parent").info.run_id
+    context = SweepContext(plan, tuple(planned), uri, experiment_id, parent)
+    error_file = tmp_cwd / "error.txt"
+    error_file.write_text("Traceback (most recent call last):\n  ...\nOSError: [Errno 28] No space left on device\n")
+    tune_trials = [
+        SimpleNamespace(status="ERROR", trial_id="ray_a", config={"trial_index": 1}, error_file=str(error_file)),
+        SimpleNamespace(status="TERMINATED", trial_id="ray_b", config={"trial_index": 0}, error_file=None),
+    ]
+    _record_unreached(context, tune_trials, client)
+    _record_unreached(context, tune_trials, client)  # again (a resumed sweep): nothing new
+    (run,) = children_of(client, experiment_id, parent)
+    assert run.info.status == "FAILED" and run.info.run_name == planned[1].name
+    assert run.data.tags["trial_id"] == "t0001" and run.data.tags["ray_trial_id"] == "ray_a"
+    assert run.data.tags["error"] == ("trial failed before it reached MLflow: "
+                                      "OSError: [Errno 28] No space left on device")
+    assert run.data.params["kernel"] == "gaussian" and run.data.params["axis.kernel"] == "gaussian"
 
 
 @pytest.mark.slow
