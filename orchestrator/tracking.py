@@ -37,6 +37,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -53,6 +54,7 @@ _logger = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 PLAN_HASH_TAG = "driftsweep.plan_hash"
+CREATE_TOKEN_TAG = "driftsweep.create_token"  # one per create_run attempt unit: a lost reply is found, not redone
 TRIAL_ID_TAG = "trial_id"
 LAST_STEP_TAG = "last_step"
 # MLflow 3 opens an experiment on its runs view (not the GenAI traces view) when this tag says so
@@ -343,10 +345,30 @@ def create_parent_run(
 ) -> str:
     """Create the sweep's parent run with its params, tags and artifacts.
 
+    The run is found-or-created as one retried unit (like a child run): it carries a fresh
+    `driftsweep.create_token` tag, so a create_run whose reply was lost is found on the retry
+    instead of made twice.
+
+    Args:
+        client: a RetryingClient (a plain MlflowClient is called once).
+        experiment_id: the sweep's experiment.
+        run_name: the plan name.
+        params: flattened plan params.
+        tags: parent tags.
+        artifacts: files to attach (the plan, trials.json).
+
     Returns:
         The parent run id.
     """
-    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    token = uuid.uuid4().hex
+    all_tags = {**tags, CREATE_TOKEN_TAG: token}
+
+    def find_or_create(raw: MlflowClient):
+        found = raw.search_runs([experiment_id], filter_string=f"tags.`{CREATE_TOKEN_TAG}` = '{token}'",
+                                max_results=1)
+        return found[0] if found else raw.create_run(experiment_id, run_name=run_name, tags=all_tags)
+
+    run = client.call(find_or_create, "create_run") if isinstance(client, RetryingClient) else find_or_create(client)
     run_id = run.info.run_id
     log_params(client, run_id, params)
     for path in artifacts:

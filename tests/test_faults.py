@@ -249,6 +249,39 @@ def test_retrying_client_does_not_retry_a_request_error(server):
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.server
+@pytest.mark.parametrize("kind", ["parent", "child"])
+def test_create_run_whose_reply_is_lost_is_not_made_twice(server, monkeypatch, kind):
+    """The server creates the run, the reply never arrives (a transport error), the call is retried:
+    the retry finds the run instead of creating a second one. Fault injected in the client: the first
+    create_run goes through for real, then raises as a reset connection would."""
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.tracking import ChildRun, create_parent_run, ensure_experiment
+
+    real_create = MlflowClient.create_run
+    lost = []
+
+    def create_then_lose_reply(self, *args, **kwargs):
+        run = real_create(self, *args, **kwargs)
+        if not lost:
+            lost.append(run.info.run_id)
+            raise MlflowException("API request failed: ConnectionResetError (reply lost)")
+        return run
+
+    client = RetryingClient(server.uri, window_s=30)
+    experiment_id = ensure_experiment(client, f"lost-reply-{kind}-{time.time_ns()}")
+    parent_id = None if kind == "parent" else create_parent_run(client, experiment_id, "p", {}, {}, [])
+    monkeypatch.setattr(MlflowClient, "create_run", create_then_lose_reply)
+    if kind == "parent":
+        run_id = create_parent_run(client, experiment_id, "p", {"a": "1"}, {"t": "v"}, [])
+    else:
+        run_id = ChildRun(server.uri, experiment_id, parent_id, "t0000", "baseline", {"a": "1"}, {}).run_id
+    runs = MlflowClient(server.uri).search_runs([experiment_id])
+    assert lost == [run_id]  # the retry returned the run whose reply was lost
+    assert len(runs) == (1 if kind == "parent" else 2)
+
+
 class Server:
     """A PostgreSQL-backed `mlflow server` on a fixed 127.0.0.1 port that the test kills and restarts."""
 
