@@ -69,11 +69,16 @@ def test_flatten_uses_dotted_keys_and_json_lists():
     }
 
 
-def test_child_run_is_reused_and_never_logs_a_step_twice(tmp_path):
+def _store_with_parent(tmp_path, experiment: str) -> tuple[str, MlflowClient, str, str]:
+    """A SQLite store with an experiment and a parent run: (uri, client, experiment id, parent run id)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    experiment_id = ensure_experiment(client, "reuse")
-    parent = client.create_run(experiment_id, run_name="parent").info.run_id
+    experiment_id = ensure_experiment(client, experiment)
+    return uri, client, experiment_id, client.create_run(experiment_id, run_name="parent").info.run_id
+
+
+def test_child_run_is_reused_and_never_logs_a_step_twice(tmp_path):
+    uri, client, experiment_id, parent = _store_with_parent(tmp_path, "reuse")
     args = (uri, experiment_id, parent, "t0003", "kernel=gaussian", {"kernel": "gaussian"}, {"axis.kernel": "gaussian"})
 
     first = ChildRun(*args)
@@ -99,10 +104,7 @@ def test_child_run_is_reused_and_never_logs_a_step_twice(tmp_path):
 def test_reused_child_run_skips_a_step_whose_metrics_landed_without_its_tag(tmp_path):
     """MLflow's log_batch commits metrics, then tags: a trial killed between the two commits left the
     step-800 metrics with last_step still 400. The resumed trial must not log step 800 again."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    experiment_id = ensure_experiment(client, "torn")
-    parent = client.create_run(experiment_id, run_name="parent").info.run_id
+    uri, client, experiment_id, parent = _store_with_parent(tmp_path, "torn")
     args = (uri, experiment_id, parent, "t0001", "kernel=laplace", {"kernel": "laplace"}, {})
     first = ChildRun(*args)
     assert first.log_metrics(400, {"swd": 0.5, "loss": 1.0})
@@ -131,10 +133,7 @@ def test_gpu_hours_stopper_sums_gpus_times_trial_seconds():
 
 def test_finished_child_run_is_not_reopened(tmp_path):
     """A trial that already finished (Tune's state lagged behind a killed driver) keeps its run as is."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    experiment_id = ensure_experiment(client, "finished")
-    parent = client.create_run(experiment_id, run_name="parent").info.run_id
+    uri, client, experiment_id, parent = _store_with_parent(tmp_path, "finished")
     args = (uri, experiment_id, parent, "t0000", "baseline", {"kernel": "laplace"}, {})
     first = ChildRun(*args)
     first.log_metrics(10, {"swd": 0.7, "loss": 2.0})
