@@ -571,7 +571,7 @@ def run_sweep(plan, plan_path: str | os.PathLike, *, resume: bool = False, conso
 
         # -- 3. Tune.
         ui = ui_hint(masked_uri)
-        context = SweepContext(plan, tuple(trials), tracking_uri, experiment_id, parent_run_id)
+        context = SweepContext(plan, tuple(trials), tracking_uri, experiment_id, parent_run_id, client.window_s)
         callback = SweepCallback(n_total, plan.objective.metric, plan.objective.direction, experiment_id,
                                  parent_run_id, ui)
         tuner, pruning, gpu_stopper = _tuner(plan, context, trials, experiment_dir, callback, resume)
@@ -686,7 +686,7 @@ def _record_unreached(context: SweepContext, trials: list, client: MlflowClient)
             trial_id, run_name = f"t{int(name.removeprefix(SAMPLED_PREFIX)):04d}", name
         tags["ray_trial_id"] = trial.trial_id
         child = ChildRun(context.tracking_uri, context.experiment_id, context.parent_run_id, trial_id, run_name,
-                         params, tags)
+                         params, tags, window_s=context.retry_window_s)
         if child.finished_metrics is None:
             child.fail(f"trial failed before it reached MLflow: {_error_line(trial)}")
 

@@ -442,6 +442,7 @@ class ChildRun:
         run_name: Trial.name.
         params: flattened trial config + axis params.
         tags: trial tags (axes, replicate, seed, node id...).
+        window_s: retry window of its tracking calls; default: retry_window_s() of this process.
     """
 
     def __init__(
@@ -453,8 +454,9 @@ class ChildRun:
         run_name: str,
         params: Mapping[str, str],
         tags: Mapping[str, str],
+        window_s: float | None = None,
     ):
-        self.client = RetryingClient(tracking_uri)
+        self.client = RetryingClient(tracking_uri, window_s)
         all_tags = {PARENT_TAG: parent_run_id, TRIAL_ID_TAG: trial_id, **tags}
         self.finished_metrics: dict[str, float] | None = None
 

@@ -73,6 +73,8 @@ class SweepContext:
         tracking_uri: MLflow URI reachable from every node.
         experiment_id: MLflow experiment id.
         parent_run_id: the sweep's parent run.
+        retry_window_s: the driver's tracking retry window (env DRIFTSWEEP_TRACKING_RETRY_S there), so
+            trials on other nodes use it too (Ray does not forward the driver's environment).
     """
 
     plan: Any
@@ -80,6 +82,7 @@ class SweepContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    retry_window_s: float | None = None
 
 
 def sampled_trial_name(tune_trial) -> str:
@@ -135,7 +138,7 @@ def run_trial(config: dict, context: SweepContext) -> None:
     tags.update(ray_trial_id=ray_trial_id, node_id=ray.get_runtime_context().get_node_id())
     child = ChildRun(
         context.tracking_uri, context.experiment_id, context.parent_run_id,
-        trial.trial_id, trial.name, params, tags,
+        trial.trial_id, trial.name, params, tags, window_s=context.retry_window_s,
     )
     if child.finished_metrics is not None:
         # Completed before the driver was lost: hand Tune the final result instead of re-running.

@@ -31,7 +31,7 @@ from ray.cluster_utils import Cluster
 from conftest import TINY_WORKLOAD, free_port, start_mlflow_server, wait_for_server
 from orchestrator.artifacts import plot_steps
 from orchestrator.errors import DriftsweepError, TrackingUnreachableError
-from orchestrator.tracking import RetryingClient
+from orchestrator.tracking import RETRY_WINDOW_ENV, RetryingClient
 
 DOWN_S = 8.0  # how long the MLflow server stays down before it is started again
 RETRY_WINDOW_S = 5.0  # DRIFTSWEEP_TRACKING_RETRY_S of the server-down-for-good sweep
@@ -247,6 +247,35 @@ def test_retrying_client_does_not_retry_a_request_error(server):
     with pytest.raises(RestException, match="RESOURCE_DOES_NOT_EXIST|not found"):
         RetryingClient(server.uri, window_s=30).get_run("0" * 32)
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_trials_on_an_external_cluster_use_the_drivers_retry_window(three_node_cluster, server, write_plan, tmp_cwd):
+    """DRIFTSWEEP_TRACKING_RETRY_S set for the driver only, its cluster's nodes started without it (as on a
+    real cluster, where Ray does not forward the driver's environment): the trials give up after the
+    driver's window, not after the nodes' default 120 s."""
+    assert os.environ.get(RETRY_WINDOW_ENV) is None, f"unset {RETRY_WINDOW_ENV}: the nodes must run on the default"
+    cluster, _ = three_node_cluster
+    name = f"window-{tmp_cwd.name[-8:]}".lower()
+    path = write_plan(
+        name, {"kernel": ["laplace", "gaussian"]}, failure={"max_retries": 0},
+        resources={"cpus_per_trial": 1, "max_concurrent": 2},
+        tracking={"uri": server.uri}, cluster={"address": cluster.address, "storage_path": str(tmp_cwd / "tune")},
+        workload={**TINY_WORKLOAD, "total_steps": 3000, "eval_every_steps": 25},
+    )
+    client = MlflowClient(server.uri)
+    with cli_driver("run", str(path), cwd=tmp_cwd, env={RETRY_WINDOW_ENV: "3"}) as driver:
+        wait_for_running_step(client, name, 25, driver)
+        server.kill()
+        killed = time.monotonic()
+        stdout, stderr = driver.communicate(timeout=400)
+        elapsed_s = time.monotonic() - killed
+    server.start()
+    print(f"external cluster, driver window 3 s: the sweep ended {elapsed_s:.1f} s after the kill")
+    assert driver.returncode == TrackingUnreachableError.exit_code, stderr[-2000:]
+    # A trial on the nodes' own 120 s window would keep the sweep alive for over 120 s.
+    assert elapsed_s < 90
 
 
 @pytest.mark.server
