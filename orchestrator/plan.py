@@ -650,6 +650,11 @@ def _reference_params(plan: Plan) -> dict[str, Any]:
     return ref
 
 
+def trial_id_for(index: int) -> str:
+    """The stable trial id of trial number `index` ("t0007"): the lookup key of its MLflow run."""
+    return f"t{index:04d}"
+
+
 def _build_trial(plan: Plan, params: dict[str, Any], index: int, replicate: int, seed: int) -> Trial:
     ref = _reference_params(plan)
     parts = [f"{k}={_format_value(v)}" for k, v in params.items() if ref.get(k) != v]
@@ -661,7 +666,7 @@ def _build_trial(plan: Plan, params: dict[str, Any], index: int, replicate: int,
         combo = ",".join(f"{k}={_format_value(v)}" for k, v in params.items())
         raise PlanFieldError("axes", f"the combination {combo} is invalid: {_first_error(exc)}",
                              "remove that level or use design type ofat") from None
-    return Trial(index=index, trial_id=f"t{index:04d}", name=",".join(parts) or "baseline",
+    return Trial(index=index, trial_id=trial_id_for(index), name=",".join(parts) or "baseline",
                  params=params, replicate=replicate, seed=seed, config=config)
 
 
@@ -959,12 +964,17 @@ def resolve_tracking_uri(plan: Plan, cwd: str | os.PathLike[str] | None = None) 
     # A relative local store would be a different file in every trial's directory: make it absolute.
     if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         path = Path(uri.removeprefix("sqlite:///")).expanduser()
-        return f"sqlite:///{(base / path).resolve()}" if not path.is_absolute() else f"sqlite:///{path}"
+        return f"sqlite:///{path if path.is_absolute() else _local_path(base, str(path))}"
     if uri.startswith("file:") and not uri.startswith("file:/"):
-        return f"file://{(base / Path(uri.removeprefix('file:')).expanduser()).resolve()}"
+        return f"file://{_local_path(base, uri.removeprefix('file:'))}"
     if "://" not in uri and not uri.startswith("file:"):
-        return str((base / Path(uri).expanduser()).resolve())  # a bare path: MLflow's file store
+        return str(_local_path(base, uri))  # a bare path: MLflow's file store
     return uri
+
+
+def _local_path(base: Path, text: str) -> Path:
+    """`text` as a local path: `~` expanded, taken against `base` when relative, resolved."""
+    return (base / Path(text).expanduser()).resolve()
 
 
 def resolve_experiment(plan: Plan) -> str:
@@ -984,7 +994,7 @@ def resolve_storage_path(plan: Plan, cwd: str | os.PathLike[str] | None = None) 
     storage = plan.cluster.storage_path
     if storage and "://" in storage:
         return storage
-    return str((base / Path(storage or "ray_results").expanduser()).resolve())
+    return str(_local_path(base, storage or "ray_results"))
 
 
 def is_local_tracking_uri(uri: str) -> bool:
