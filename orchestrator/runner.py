@@ -44,6 +44,7 @@ from orchestrator.plan import (
     resolve_ray_address,
     resolve_storage_path,
     resolve_tracking_uri,
+    trial_id_for,
 )
 from orchestrator.pruning import (
     OPTUNA_PRUNERS,
@@ -68,11 +69,11 @@ from orchestrator.tracking import (
     ui_hint,
 )
 from orchestrator.trainable import (
-    SAMPLED_PREFIX,
     TRIAL_INDEX_KEY,
     SweepContext,
     resolve_trial,
     run_trial,
+    sampled_trial_index,
     sampled_trial_name,
     trial_params_and_tags,
 )
@@ -571,7 +572,8 @@ def run_sweep(plan, plan_path: str | os.PathLike, *, resume: bool = False, conso
 
         # -- 3. Tune.
         ui = ui_hint(masked_uri)
-        context = SweepContext(plan, tuple(trials), tracking_uri, experiment_id, parent_run_id, client.window_s)
+        context = SweepContext(plan, tuple(trials), tracking_uri, experiment_id, parent_run_id,
+                               retry_window_s=client.window_s)
         callback = SweepCallback(n_total, plan.objective.metric, plan.objective.direction, experiment_id,
                                  parent_run_id, ui)
         tuner, pruning, gpu_stopper = _tuner(plan, context, trials, experiment_dir, callback, resume)
@@ -683,7 +685,7 @@ def _record_unreached(context: SweepContext, trials: list, client: MlflowClient)
         except Exception:  # noqa: BLE001 - a sampled combination the workload rejects: record what Tune holds
             params = {f"axis.{key}": str(value) for key, value in trial.config.items()}
             tags = dict(params)
-            trial_id, run_name = f"t{int(name.removeprefix(SAMPLED_PREFIX)):04d}", name
+            trial_id, run_name = trial_id_for(sampled_trial_index(name)), name
         tags["ray_trial_id"] = trial.trial_id
         child = ChildRun(context.tracking_uri, context.experiment_id, context.parent_run_id, trial_id, run_name,
                          params, tags, window_s=context.retry_window_s)

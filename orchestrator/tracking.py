@@ -336,7 +336,7 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> 
 
 
 def create_parent_run(
-    client: MlflowClient,
+    client: RetryingClient,
     experiment_id: str,
     run_name: str,
     params: Mapping[str, str],
@@ -350,7 +350,7 @@ def create_parent_run(
     instead of made twice.
 
     Args:
-        client: a RetryingClient (a plain MlflowClient is called once).
+        client: the driver's RetryingClient.
         experiment_id: the sweep's experiment.
         run_name: the plan name.
         params: flattened plan params.
@@ -368,7 +368,7 @@ def create_parent_run(
                                 max_results=1)
         return found[0] if found else raw.create_run(experiment_id, run_name=run_name, tags=all_tags)
 
-    run = client.call(find_or_create, "create_run") if isinstance(client, RetryingClient) else find_or_create(client)
+    run = client.call(find_or_create, "create_run")
     run_id = run.info.run_id
     log_params(client, run_id, params)
     for path in artifacts:

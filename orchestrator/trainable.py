@@ -92,6 +92,11 @@ def sampled_trial_name(tune_trial) -> str:
     return f"{SAMPLED_PREFIX}{int(tune_trial.experiment_tag.split('_', 1)[0]) - 1:04d}"
 
 
+def sampled_trial_index(tune_trial_name: str) -> int:
+    """The plan trial number a sampled trial's name carries ("sampled-0007" -> 7)."""
+    return int(tune_trial_name.removeprefix(SAMPLED_PREFIX))
+
+
 def resolve_trial(context: SweepContext, config: dict, tune_trial_name: str):
     """The plan Trial a Tune config stands for.
 
@@ -107,7 +112,7 @@ def resolve_trial(context: SweepContext, config: dict, tune_trial_name: str):
         return context.trials[int(config[TRIAL_INDEX_KEY])]
     from orchestrator.plan import trial_from_params
 
-    return trial_from_params(context.plan, dict(config), int(tune_trial_name.removeprefix(SAMPLED_PREFIX)))
+    return trial_from_params(context.plan, dict(config), sampled_trial_index(tune_trial_name))
 
 
 def trial_params_and_tags(trial) -> tuple[dict[str, str], dict[str, str]]:
